@@ -1,0 +1,193 @@
+"""A job opened against its volumes and model: validation, preparation, layout.
+
+:meth:`Job.open` resolves the spec (region, job id, chunk plan, patch grid) and
+checks everything that can be checked without writing; :meth:`Job.prepare`
+loads and checks the model, then, and only then, creates the output layer and
+stores the spec.  What a job keeps next to its output::
+
+    <output>/info                      the output layer (precomputed)
+    <output>/jobs/<job id>/spec.json   the validated spec; tasks refer to it
+    <output>/jobs/<job id>/scratch/    stage-1 partial sums, removed after the merge
+    <output>/jobs/<job id>/report.json what the run did
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+from cloudfiles import CloudFiles
+
+from .blend import BlendMode, PatchGrid
+from .engines import ModelError, Predictor
+from .geometry import Box, ChunkPlan, Vec3
+from .models.loading import load_predictor, model_sha256, read_model_bytes
+from .spec import JobSpec, SpecError, job_id, parse_spec
+from .volume import Volume, VolumeError
+
+
+@dataclass
+class Job:
+    spec: JobSpec
+    id: str
+    roi: Box
+    plan: ChunkPlan
+    grid: PatchGrid
+    input: Volume
+    model_bytes: bytes
+
+    # --- opening: every check that writes nothing ---------------------------------
+    @classmethod
+    def open(cls, spec: JobSpec | dict) -> "Job":
+        if isinstance(spec, dict):
+            spec = parse_spec(spec)
+        source = Volume(spec.input_url, spec.input_mip, fill_value=spec.fill_value)
+        if source.num_channels != spec.model.in_channels:
+            raise ModelError(
+                f"input layer {spec.input_url} has {source.num_channels} channels but "
+                f"model.in_channels is {spec.model.in_channels}"
+            )
+        roi = spec.roi or source.bounds
+        if not source.bounds.contains(roi):
+            raise SpecError(
+                f"roi {roi.to_dict()} is outside the input volume {spec.input_url} "
+                f"(bounds {source.bounds.to_dict()} at mip {spec.input_mip})"
+            )
+        try:
+            grid = PatchGrid(roi, spec.model.output_patch, spec.stride)
+        except ValueError as e:
+            raise SpecError(str(e)) from None
+        origin = roi.start
+        if Volume.exists(spec.output_url):
+            origin = _check_existing_output(spec, roi).bounds.start
+        model_bytes = read_model_bytes(spec.model.path)
+        return cls(
+            spec=spec,
+            id=job_id(spec, model_sha256(model_bytes), roi),
+            roi=roi,
+            plan=ChunkPlan(roi, spec.chunk_size, origin),
+            grid=grid,
+            input=source,
+            model_bytes=model_bytes,
+        )
+
+    @property
+    def job_url(self) -> str:
+        return f"{self.spec.output_url}/jobs/{self.id}"
+
+    @property
+    def scratch_url(self) -> str:
+        return self.spec.scratch_url or f"{self.job_url}/scratch"
+
+    @cached_property
+    def predictor(self) -> Predictor:
+        return load_predictor(self.spec, self.model_bytes)
+
+    @cached_property
+    def output(self) -> Volume:
+        return Volume(self.spec.output_url, 0)
+
+    @cached_property
+    def scratch(self) -> CloudFiles:
+        return CloudFiles(self.scratch_url)
+
+    @property
+    def blend(self) -> BlendMode:
+        return BlendMode.parse(self.spec.blend)
+
+    # --- preparing: model checked first, then the only writes ------------------
+    def prepare(self) -> None:
+        """Check the model, create the output layer if needed, store the spec."""
+        self.predictor  # loads and runs the model once; raises ModelError
+        if not Volume.exists(self.spec.output_url):
+            Volume.create(
+                self.spec.output_url, bounds=self.roi, block_size=self.spec.block_size,
+                dtype=self.spec.output_dtype, num_channels=self.spec.model.out_channels,
+                resolution=self.input.resolution,
+            )
+        CloudFiles(self.job_url).put_json("spec.json", self.spec.to_dict())
+
+    # --- stage-1 geometry ------------------------------------------------------------
+    def partial_box(self, chunk: Box) -> Box | None:
+        """The region a chunk's stage-1 patches cover (None if it holds no origin)."""
+        ox, oy, oz = self.grid.origins_in(chunk)
+        if not (len(ox) and len(oy) and len(oz)):
+            return None
+        start = Vec3(int(ox[0]), int(oy[0]), int(oz[0]))
+        last = Vec3(int(ox[-1]), int(oy[-1]), int(oz[-1]))
+        return Box(start, last + self.spec.model.output_patch)
+
+    def contributors(self, chunk: Box) -> list[Box]:
+        """Chunks whose stage-1 partial sums overlap ``chunk``, in plan order.
+
+        A patch reaches at most ``output_patch - 1`` voxels past its chunk, and only
+        upwards, so they are the chunk itself and lower neighbours within that reach.
+        """
+        reach = chunk.start - self.spec.model.output_patch + 1
+        low_point = reach.maximum(self.roi.start)
+        lo = (low_point - self.plan.origin) // self.plan.chunk_size - self.plan.first_index
+        hi = (chunk.start - self.plan.origin) // self.plan.chunk_size - self.plan.first_index
+        boxes = []
+        for gz in range(lo.z, hi.z + 1):
+            for gy in range(lo.y, hi.y + 1):
+                for gx in range(lo.x, hi.x + 1):
+                    boxes.append(self.plan.box_at(Vec3(gx, gy, gz)))
+        return boxes
+
+    # --- scratch ---------------------------------------------------------------------
+    @staticmethod
+    def scratch_name(chunk: Box) -> str:
+        return f"{ChunkPlan.chunk_id(chunk)}.npy"
+
+    def put_partial(self, chunk: Box, partial: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.save(buf, partial, allow_pickle=False)
+        self.scratch.put(self.scratch_name(chunk), buf.getvalue(), compress=None)
+
+    def get_partial(self, chunk: Box) -> np.ndarray:
+        data = self.scratch.get(self.scratch_name(chunk))
+        if data is None:
+            raise VolumeError(
+                f"stage-1 partial sum of chunk {ChunkPlan.chunk_id(chunk)} is missing from "
+                f"{self.scratch_url}: run stage 1 of that chunk before merging its neighbours"
+            )
+        return np.load(io.BytesIO(data), allow_pickle=False)
+
+    def remove_scratch(self) -> None:
+        self.scratch.delete(list(self.scratch.list()))
+
+    def write_report(self, report: dict) -> None:
+        CloudFiles(self.job_url).put_json("report.json", report)
+
+
+def _check_existing_output(spec: JobSpec, roi: Box) -> Volume:
+    out = Volume(spec.output_url, 0)
+    problems = []
+    if out.num_channels != spec.model.out_channels:
+        problems.append(f"{out.num_channels} channels, model.out_channels is {spec.model.out_channels}")
+    if out.dtype != np.dtype(spec.output_dtype):
+        problems.append(f"dtype {out.dtype}, output.dtype is {spec.output_dtype}")
+    if not out.bounds.contains(roi):
+        problems.append(f"bounds {out.bounds.to_dict()} do not contain roi {roi.to_dict()}")
+    elif not roi.is_aligned(out.bounds.start, out.block_size, out.bounds):
+        problems.append(
+            f"roi {roi.to_dict()} is not aligned to its storage blocks {out.block_size.to_list()}"
+        )
+    if any(c % b for c, b in zip(spec.chunk_size, out.block_size)):
+        problems.append(
+            f"storage blocks {out.block_size.to_list()} do not divide chunk_size {spec.chunk_size.to_list()}"
+        )
+    if problems:
+        raise VolumeError(f"existing output layer {spec.output_url} does not fit the job: " + "; ".join(problems))
+    return out
+
+
+def load_job_document(text: str) -> dict:
+    """Parse a job spec file's text (JSON), with an error that says where it broke."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SpecError(f"job spec is not valid JSON: {e}") from None

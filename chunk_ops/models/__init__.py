@@ -1,0 +1,1 @@
+"""Networks bundled with chunk_ops and the loaders for the supported model formats."""
