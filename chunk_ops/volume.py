@@ -25,9 +25,10 @@ class VolumeError(ValueError):
 
 def _open(url: str, mip: int) -> CloudVolume:
     try:
+        # gzip at level 1: network output compresses little, higher levels only burn CPU
         return CloudVolume(
             url, mip=mip, bounded=True, fill_missing=False, cache=False,
-            progress=False, parallel=1, non_aligned_writes=False,
+            progress=False, parallel=1, non_aligned_writes=False, compress_level=1,
         )
     except InfoUnavailableError:
         raise VolumeError(f"no precomputed layer at {url} (its 'info' file is missing)") from None

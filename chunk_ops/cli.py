@@ -1,0 +1,129 @@
+"""The ``chunk-ops`` command line.
+
+    chunk-ops validate JOB.json      check a job against its volumes and model; writes nothing
+    chunk-ops run JOB.json           run a job in this process (stage 1, merge, report)
+    chunk-ops sample URL --shape X Y Z   write an EM-like sample image layer
+    chunk-ops demo --workdir DIR     sample volume + demo model + job, then run it
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .geometry import Vec3
+
+
+class JobFile(click.ParamType):
+    """A job spec JSON file, parsed (not yet validated)."""
+
+    name = "job.json"
+
+    def convert(self, value, param, ctx):
+        from .job import load_job_document
+
+        try:
+            return load_job_document(Path(value).read_text())
+        except OSError as e:
+            self.fail(f"cannot read job spec {value!r}: {e.strerror}", param, ctx)
+        except ValueError as e:
+            self.fail(f"{value}: {e}", param, ctx)
+
+
+def _open_job(document: dict):
+    from .job import Job
+
+    try:
+        return Job.open(document)
+    except ValueError as e:  # SpecError, VolumeError, ModelError: the message names the value
+        raise click.ClickException(str(e)) from None
+
+
+def _summary(job) -> dict:
+    return {
+        "job_id": job.id,
+        "roi": job.roi.to_dict(),
+        "chunks": len(job.plan),
+        "chunk_grid": job.plan.grid_shape.to_list(),
+        "patches": len(job.grid),
+        "output": job.spec.output_url,
+    }
+
+
+@click.group()
+@click.version_option(package_name="chunk-ops")
+def main() -> None:
+    """Run 3D ConvNets over huge precomputed volumes, chunk by chunk, seamlessly."""
+
+
+@main.command()
+@click.argument("job", type=JobFile())
+def validate(job: dict) -> None:
+    """Check JOB against its volumes and model without writing anything."""
+    opened = _open_job(job)
+    try:
+        opened.predictor  # loads the model and runs it once on zeros
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps({"valid": True, **_summary(opened)}, indent=2))
+
+
+@main.command()
+@click.argument("job", type=JobFile())
+def run(job: dict) -> None:
+    """Run JOB in this process: stage 1 for every chunk, then the merge."""
+    from .stages import run_local
+
+    opened = _open_job(job)
+    click.echo(json.dumps(_summary(opened), indent=2), err=True)
+    try:
+        report = run_local(opened)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(report.to_dict(), indent=2))
+
+
+@main.command()
+@click.argument("url")
+@click.option("--shape", nargs=3, type=int, required=True, help="x y z voxels")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--block-size", nargs=3, type=int, default=(64, 64, 8), show_default=True)
+def sample(url: str, shape, seed: int, block_size) -> None:
+    """Write an EM-like uint8 sample image layer to URL (e.g. file:///tmp/em)."""
+    from .sample import write_sample
+
+    vol = write_sample(url, Vec3.of(shape), seed=seed, block_size=block_size)
+    click.echo(f"wrote {url}: bounds {vol.bounds.to_dict()}, resolution {vol.resolution} nm")
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"),
+              show_default=True)
+@click.option("--shape", nargs=3, type=int, default=(512, 512, 48), show_default=True,
+              help="sample volume size, x y z")
+def demo(workdir: Path, shape) -> None:
+    """Make a sample volume and the demo network, write a job spec, run it."""
+    from .models.demo import write_demo_model
+    from .sample import write_sample
+    from .stages import run_local
+
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    image_url = f"file://{workdir}/image"
+    write_sample(image_url, Vec3.of(shape), seed=1)
+    job_doc = write_demo_model(workdir, image_url, f"file://{workdir}/affinities")
+    job_path = workdir / "job.json"
+    job_path.write_text(json.dumps(job_doc, indent=2) + "\n")
+    click.echo(f"job spec: {job_path}", err=True)
+    opened = _open_job(job_doc)
+    click.echo(json.dumps(_summary(opened), indent=2), err=True)
+    report = run_local(opened)
+    click.echo(json.dumps(report.to_dict(), indent=2))
+    click.echo(f"output layer: {opened.spec.output_url}\nreport: {opened.job_url}/report.json", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
