@@ -1,0 +1,103 @@
+"""Model formats, safe loading, engines and the bundled RSUNet."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chunk_ops.engines import ModelError, TorchEngine
+from chunk_ops.job import Job
+from chunk_ops.models.rsunet import RSUNet
+from chunk_ops.stages import run_local
+from chunk_ops.volume import Volume
+from tests.chunk_ops import nets
+
+
+def _export(net: torch.nn.Module, fmt: str, folder: Path, patch_zyx, dynamic_batch=True) -> Path:
+    example = torch.zeros(1, 1, *patch_zyx)
+    if fmt == "torchscript":
+        path = folder / "net.ts"
+        torch.jit.save(torch.jit.trace(net, example), path)
+    else:
+        path = folder / "net.onnx"
+        axes = {"x": {0: "n"}, "y": {0: "n"}} if dynamic_batch else None
+        torch.onnx.export(net, example, path, dynamo=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes=axes)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_every_format_gives_the_same_volume(make_spec, tmp_path, fmt):
+    reference_spec = make_spec(out_channels=2, output="from-state-dict")
+    reference = Job.open(reference_spec)
+    run_local(reference)
+
+    net = nets.TinyConvNet(in_channels=1, out_channels=2).eval()
+    spec = make_spec(out_channels=2, output=f"from-{fmt}")
+    spec["model"].update(path=str(_export(net, fmt, tmp_path, (4, 12, 12))), format=fmt)
+    del spec["model"]["definition"], spec["model"]["kwargs"]
+    job = Job.open(spec)
+    run_local(job)
+    a = Volume(reference_spec["output"]["url"], 0).read(reference.roi)
+    b = Volume(spec["output"]["url"], 0).read(job.roi)
+    assert job.predictor.engine.name.startswith("onnxruntime" if fmt == "onnx" else "torch")
+    assert np.abs(a - b).max() <= 1e-5
+
+
+def test_onnx_model_with_fixed_patch_size_rejects_another_patch(make_spec, tmp_path):
+    net = nets.TinyConvNet().eval()
+    spec = make_spec()
+    spec["model"].update(path=str(_export(net, "onnx", tmp_path, (4, 16, 16), dynamic_batch=False)), format="onnx")
+    del spec["model"]["definition"], spec["model"]["kwargs"]
+    with pytest.raises(ModelError, match=r"the model failed on a \(1, 1, 4, 12, 12\) input.*input_patch \(x,y,z\)=\[12, 12, 4\]"):
+        run_local(Job.open(spec))
+    assert not Path(spec["output"]["url"].removeprefix("file://")).exists()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
+
+
+def test_state_dicts_load_with_weights_only(make_spec, tmp_path):
+    """A pickle that runs code on load is refused, and its code does not run."""
+    spec = make_spec()
+    payload = _Payload()
+    payload.marker = str(tmp_path / "marker")
+    buf = io.BytesIO()
+    torch.save({"c1.weight": payload}, buf, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    Path(spec["model"]["path"]).write_bytes(buf.getvalue())
+    with pytest.raises(ModelError, match="is not a readable state_dict"):
+        run_local(Job.open(spec))
+    assert not (tmp_path / "marker").exists()
+
+
+def test_bfloat16_autocast_stays_close_to_float32():
+    torch.manual_seed(0)
+    net = RSUNet(widths=(4, 8)).eval()
+    x = np.random.default_rng(0).random((2, 1, 4, 32, 32), dtype=np.float32)
+    fp32 = TorchEngine(net, device="cpu", precision="float32")(x)
+    bf16 = TorchEngine(net, device="cpu", precision="bfloat16")(x)
+    assert fp32.dtype == bf16.dtype == np.float32
+    assert 0 < np.abs(fp32 - bf16).max() < 5e-2
+
+
+def test_float16_on_cpu_is_refused_with_a_reason():
+    with pytest.raises(ModelError, match="float16' needs a CUDA device"):
+        TorchEngine(RSUNet(widths=(4, 8)), device="cpu", precision="float16")
+
+
+def test_rsunet_keeps_the_patch_and_predicts_affinities():
+    net = RSUNet(in_channels=1, out_channels=3, widths=(4, 8, 16)).eval()
+    with torch.inference_mode():
+        y = net(torch.rand(2, 1, 6, 32, 48))
+    assert y.shape == (2, 3, 6, 32, 48)
+    assert 0 <= float(y.min()) and float(y.max()) <= 1
+    # anisotropic: pooling is x/y only, so a z size of 1 still works
+    with torch.inference_mode():
+        assert net(torch.rand(1, 1, 1, 16, 16)).shape == (1, 3, 1, 16, 16)
