@@ -142,6 +142,7 @@ def run(shape: tuple[int, int, int], chunk: tuple[int, int, int]) -> dict:
         return dict(shape=shape, chunk=chunk, chunks=len(chunks), patches=s1.patches, voxels=job.roi.size,
                     batch=pred.batch_size, total=meter.seconds, forward=forward, s1=s1, s2=s2,
                     in_bytes=in_bytes, out_bytes=out_bytes, out_channels=model.out_channels,
+                    patch_in=s1.patches * pred.input_patch.prod(),
                     peak=meter.peak_increase, exact_peak=meter.exact)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -156,7 +157,7 @@ def markdown(r: dict, command: str) -> str:
     other = total - sum(t for _, t in phases)
     mib = 1 / 2**20
     ref = r["in_bytes"] + r["out_bytes"]
-    peak_what = ("VmHWM reset before the worker path" if r["exact_peak"]
+    peak_what = ("VmHWM, reset as each worker-path block starts" if r["exact_peak"]
                  else "VmHWM since process start (reset unavailable): an upper bound")
     rows = [
         ("**efficiency = forward / total**", f"**{r['forward'] / total:.3f}** (goal >= 0.90)"),
@@ -164,8 +165,9 @@ def markdown(r: dict, command: str) -> str:
         ("bare forward passes (same patches, same batches)", f"{r['forward']:.1f} s"),
         *((f"{name}", f"{t:.1f} s ({t / total:.1%})") for name, t in phases),
         ("other (allocation, scratch removal, bookkeeping)", f"{other:.1f} s ({other / total:.1%})"),
-        ("throughput, worker path", f"{r['voxels'] / total / 1e6:.2f} Mvoxel/s"),
-        ("throughput, bare forward", f"{r['voxels'] / r['forward'] / 1e6:.2f} Mvoxel/s"),
+        ("throughput, worker path (output voxels)", f"{r['voxels'] / total / 1e6:.3f} Mvoxel/s"),
+        ("throughput, bare forward (output voxels; patch input voxels)",
+         f"{r['voxels'] / r['forward'] / 1e6:.3f}; {r['patch_in'] / r['forward'] / 1e6:.2f} Mvoxel/s"),
         ("peak RSS increase of the worker path", f"{r['peak'] * mib:.0f} MiB ({peak_what})"),
         (f"input chunk + margin (uint8) + output chunk (float32 x {r['out_channels']})",
          f"{r['in_bytes'] * mib:.1f} + {r['out_bytes'] * mib:.1f} = {ref * mib:.1f} MiB"),
@@ -189,13 +191,13 @@ def markdown(r: dict, command: str) -> str:
 
 
 def write_doc(section: str) -> None:
-    block = f"{BEGIN}\n{section}{END}\n"
+    block = f"{BEGIN}\n{section}{END}"
     text = DOC.read_text() if DOC.exists() else INTRO
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1].lstrip("\n")
+        text = head + block + rest.split(END, 1)[1]
     else:
-        text = text.rstrip("\n") + "\n\n" + block
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
 

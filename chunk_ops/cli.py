@@ -1,7 +1,10 @@
 """The ``chunk-ops`` command line.
 
     chunk-ops validate JOB.json      check a job against its volumes and model; writes nothing
-    chunk-ops run JOB.json           run a job in this process (stage 1, merge, report)
+    chunk-ops run JOB.json [--workers N]   run a job here: in this process, or a local pool
+    chunk-ops submit JOB.json --queue URL  prepare the job and enqueue a stage's tasks
+    chunk-ops worker --queue URL     lease and do tasks until the queue stays empty
+    chunk-ops status JOB.json --queue URL  done of total, queue depths, throughput, ETA
     chunk-ops sample URL --shape X Y Z   write an EM-like sample image layer
     chunk-ops demo --workdir DIR     sample volume + demo model + job, then run it
 """
@@ -73,17 +76,86 @@ def validate(job: dict) -> None:
 
 @main.command()
 @click.argument("job", type=JobFile())
-def run(job: dict) -> None:
-    """Run JOB in this process: stage 1 for every chunk, then the merge."""
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="worker processes on a queue; 0 runs everything in this process")
+@click.option("--queue", "queue_url", help="queue URL (default: an embedded queue beside the output)")
+def run(job: dict, workers: int, queue_url: str | None) -> None:
+    """Run JOB on this machine: stage 1 for every chunk, then the merge."""
+    from .local_pool import run_with_workers
     from .stages import run_local
 
     opened = _open_job(job)
     click.echo(json.dumps(_summary(opened), indent=2), err=True)
     try:
-        report = run_local(opened)
+        report = run_with_workers(opened, workers, queue_url) if workers else run_local(opened)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(report.to_dict(), indent=2))
+
+
+@main.command()
+@click.argument("job", type=JobFile())
+@click.option("--queue", "queue_url", help="queue URL (default: an embedded queue beside the output)")
+@click.option("--stage", type=click.Choice(["1", "2"]), default="1", show_default=True)
+@click.option("--max-receives", type=click.IntRange(min=1), default=5, show_default=True,
+              help="receives before a task goes to the dead-letter queue (new queues)")
+def submit(job: dict, queue_url: str | None, stage: str, max_receives: int) -> None:
+    """Prepare JOB (stage 1) and enqueue the stage's tasks that are not done yet."""
+    from .queues import open_queue
+    from .submit import default_queue_url, enqueue_stage
+
+    opened = _open_job(job)
+    try:
+        if stage == "1":
+            opened.prepare()
+        url = queue_url or default_queue_url(opened)
+        sent = enqueue_stage(opened, open_queue(url, create=True, max_receives=max_receives), int(stage))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps({**_summary(opened), "queue": url, "stage": int(stage), "sent": sent,
+                           "skipped_done": len(opened.plan) - sent, "spec_url": opened.spec_url}, indent=2))
+
+
+@main.command()
+@click.option("--queue", "queue_url", required=True, help="sqs://NAME or file:///path/queue.sqlite")
+@click.option("--visibility-timeout", type=float, default=60.0, show_default=True,
+              help="lease length in seconds; a heartbeat renews it while a task runs")
+@click.option("--idle-exit", type=float, default=30.0, show_default=True,
+              help="exit after the queue stays empty this many seconds")
+@click.option("--grace", type=float, default=25.0, show_default=True,
+              help="after SIGTERM, seconds to finish the current task before giving it back")
+@click.option("--max-tasks", type=click.IntRange(min=1), default=None, help="exit after this many tasks")
+def worker(queue_url: str, visibility_timeout: float, idle_exit: float, grace: float,
+           max_tasks: int | None) -> None:
+    """Lease tasks from the queue and do them until it stays empty."""
+    import logging
+
+    from .worker import Worker, WorkerConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        w = Worker(WorkerConfig(queue_url, visibility_timeout_s=visibility_timeout, idle_exit_s=idle_exit,
+                                grace_s=grace, max_tasks=max_tasks))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    w.install_signal_handlers()
+    w.run()
+
+
+@main.command()
+@click.argument("job", type=JobFile())
+@click.option("--queue", "queue_url", help="queue URL (default: an embedded queue beside the output)")
+def status(job: dict, queue_url: str | None) -> None:
+    """Visible, in-flight and dead-lettered tasks, done of total, throughput, ETA."""
+    from .queues import open_queue
+    from .submit import default_queue_url, job_status
+
+    opened = _open_job(job)
+    try:
+        queue = open_queue(queue_url or default_queue_url(opened))
+        click.echo(json.dumps(job_status(opened, queue).to_dict(), indent=2))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
 
 
 @main.command()

@@ -8,7 +8,12 @@ stores the spec.  What a job keeps next to its output::
     <output>/info                      the output layer (precomputed)
     <output>/jobs/<job id>/spec.json   the validated spec; tasks refer to it
     <output>/jobs/<job id>/scratch/    stage-1 partial sums, removed after the merge
+    <output>/jobs/<job id>/done/stage<n>/<chunk id>.json
+                                       done markers, with the task's timings
     <output>/jobs/<job id>/report.json what the run did
+
+The job id hashes everything that changes the output, so a rerun of the same job
+finds its done markers and skips those chunks, and a new model gets a new id.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from .geometry import Box, ChunkPlan, Vec3
 from .models.loading import load_predictor, model_sha256, read_model_bytes
 from .spec import JobSpec, SpecError, job_id, parse_spec
 from .volume import Volume, VolumeError
+
+
+class NotReady(RuntimeError):
+    """A merge ran before the stage-1 work it needs (retry later)."""
 
 
 @dataclass
@@ -74,9 +83,22 @@ class Job:
             model_bytes=model_bytes,
         )
 
+    @classmethod
+    def from_spec_url(cls, spec_url: str) -> "Job":
+        """Open the job whose spec was stored by :meth:`prepare`."""
+        base, name = spec_url.rsplit("/", 1)
+        document = CloudFiles(base).get_json(name)
+        if document is None:
+            raise SpecError(f"no job spec at {spec_url}")
+        return cls.open(document)
+
     @property
     def job_url(self) -> str:
         return f"{self.spec.output_url}/jobs/{self.id}"
+
+    @property
+    def spec_url(self) -> str:
+        return f"{self.job_url}/spec.json"
 
     @property
     def scratch_url(self) -> str:
@@ -150,7 +172,7 @@ class Job:
     def get_partial(self, chunk: Box) -> np.ndarray:
         data = self.scratch.get(self.scratch_name(chunk))
         if data is None:
-            raise VolumeError(
+            raise NotReady(
                 f"stage-1 partial sum of chunk {ChunkPlan.chunk_id(chunk)} is missing from "
                 f"{self.scratch_url}: run stage 1 of that chunk before merging its neighbours"
             )
@@ -161,6 +183,32 @@ class Job:
 
     def write_report(self, report: dict) -> None:
         CloudFiles(self.job_url).put_json("report.json", report)
+
+    # --- done markers --------------------------------------------------------------
+    @staticmethod
+    def _done_prefix(stage: int) -> str:
+        return f"done/stage{stage}/"
+
+    def mark_done(self, stage: int, chunk: Box, record: dict) -> None:
+        name = f"{self._done_prefix(stage)}{ChunkPlan.chunk_id(chunk)}.json"
+        CloudFiles(self.job_url).put_json(name, record)
+
+    def is_done(self, stage: int, chunk: Box) -> bool:
+        return CloudFiles(self.job_url).exists(f"{self._done_prefix(stage)}{ChunkPlan.chunk_id(chunk)}.json")
+
+    def done_mask(self, stage: int) -> np.ndarray:
+        """One bool per plan index: is that chunk's stage done?  One listing, in bulk."""
+        mask = np.zeros(len(self.plan), bool)
+        prefix = self._done_prefix(stage)
+        for name in CloudFiles(self.job_url).list(prefix=prefix):
+            box = Box.from_filename(name[len(prefix):].removesuffix(".json"))
+            mask[self.plan.index_of(box)] = True
+        return mask
+
+    def done_records(self, stage: int) -> list[dict]:
+        cf = CloudFiles(self.job_url)
+        names = list(cf.list(prefix=self._done_prefix(stage)))
+        return [json.loads(r["content"]) for r in cf.get(names) if r["content"]]
 
 
 def _check_existing_output(spec: JobSpec, roi: Box) -> Volume:

@@ -166,6 +166,7 @@ class RunReport:
     patches_evaluated: int
     patches_in_grid: int
     wall_s: float
+    redeliveries: int = 0
     stage1: ChunkStats = field(default_factory=ChunkStats)
     stage2: ChunkStats = field(default_factory=ChunkStats)
 

@@ -1,0 +1,129 @@
+"""Amazon SQS through boto3: ``sqs://<queue name>``.
+
+Region and endpoint come from boto3's usual configuration (``AWS_DEFAULT_REGION``,
+``AWS_ENDPOINT_URL_SQS`` or ``AWS_ENDPOINT_URL``), so a local SQS-compatible server
+serves tests and docker-compose unchanged.  ``create=True`` makes the queue and its
+dead-letter queue ``<name>-dead`` with a RedrivePolicy; SQS itself then moves a
+message after ``max_receives`` receives.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Iterable
+
+from .base import DEFAULT_MAX_RECEIVES, Lease, LeaseLost, QueueCounts
+
+_MAX_BATCH = 10  # SendMessageBatch / ReceiveMessage limit
+
+
+def sqs_client():
+    import boto3
+
+    return boto3.client("sqs")
+
+
+class SqsQueue:
+    def __init__(self, url: str, *, max_receives: int | None = None, create: bool = False, client=None):
+        from botocore.exceptions import ClientError
+
+        self.url = url
+        self.name = url.removeprefix("sqs://").strip("/")
+        if not self.name:
+            raise ValueError(f"queue URL {url!r} names no queue (expected sqs://<name>)")
+        self.client = client or sqs_client()
+        self._ClientError = ClientError
+        if create:
+            self._create(max_receives or DEFAULT_MAX_RECEIVES)
+        try:
+            self.queue_url = self.client.get_queue_url(QueueName=self.name)["QueueUrl"]
+            self.dead_url = self.client.get_queue_url(QueueName=f"{self.name}-dead")["QueueUrl"]
+        except ClientError as e:
+            raise ValueError(f"no SQS queue {self.name!r} (or its {self.name}-dead): {e}") from None
+        policy = self.client.get_queue_attributes(
+            QueueUrl=self.queue_url, AttributeNames=["RedrivePolicy"]
+        )["Attributes"].get("RedrivePolicy")
+        self.max_receives = int(json.loads(policy)["maxReceiveCount"]) if policy else DEFAULT_MAX_RECEIVES
+
+    def _create(self, max_receives: int) -> None:
+        dead_url = self.client.create_queue(QueueName=f"{self.name}-dead")["QueueUrl"]
+        dead_arn = self.client.get_queue_attributes(QueueUrl=dead_url, AttributeNames=["QueueArn"])[
+            "Attributes"]["QueueArn"]
+        redrive = json.dumps({"deadLetterTargetArn": dead_arn, "maxReceiveCount": str(max_receives)})
+        url = self.client.create_queue(QueueName=self.name)["QueueUrl"]
+        self.client.set_queue_attributes(QueueUrl=url, Attributes={"RedrivePolicy": redrive})
+
+    def send_batch(self, bodies: Iterable[str]) -> int:
+        sent, batch = 0, []
+        for body in bodies:
+            batch.append(body)
+            if len(batch) == _MAX_BATCH:
+                sent += self._send(batch)
+                batch = []
+        if batch:
+            sent += self._send(batch)
+        return sent
+
+    def _send(self, bodies: list[str]) -> int:
+        entries = [{"Id": str(i), "MessageBody": b} for i, b in enumerate(bodies)]
+        result = self.client.send_message_batch(QueueUrl=self.queue_url, Entries=entries)
+        if result.get("Failed"):
+            raise RuntimeError(f"SQS refused {len(result['Failed'])} messages: {result['Failed'][:3]}")
+        return len(bodies)
+
+    def receive(self, max_messages: int = 1, visibility_timeout: float = 60.0,
+                wait_seconds: float = 0.0) -> list[Lease]:
+        result = self.client.receive_message(
+            QueueUrl=self.queue_url,
+            MaxNumberOfMessages=max(1, min(max_messages, _MAX_BATCH)),
+            VisibilityTimeout=math.ceil(visibility_timeout),
+            WaitTimeSeconds=min(20, math.ceil(wait_seconds)),
+            MessageSystemAttributeNames=["ApproximateReceiveCount"],
+        )
+        return [
+            Lease(m["MessageId"], m["ReceiptHandle"], m["Body"],
+                  int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1)))
+            for m in result.get("Messages", [])
+        ]
+
+    def _visibility(self, lease: Lease, seconds: int) -> None:
+        try:
+            self.client.change_message_visibility(
+                QueueUrl=self.queue_url, ReceiptHandle=lease.receipt, VisibilityTimeout=seconds)
+        except self._ClientError as e:
+            raise LeaseLost(f"message {lease.message_id}: {e}") from None
+
+    def extend(self, lease: Lease, visibility_timeout: float) -> None:
+        self._visibility(lease, math.ceil(visibility_timeout))
+
+    def release(self, lease: Lease) -> None:
+        self._visibility(lease, 0)
+
+    def delete(self, lease: Lease) -> None:
+        try:
+            self.client.delete_message(QueueUrl=self.queue_url, ReceiptHandle=lease.receipt)
+        except self._ClientError as e:
+            raise LeaseLost(f"message {lease.message_id}: {e}") from None
+
+    def _approximate(self, url: str) -> tuple[int, int]:
+        attrs = self.client.get_queue_attributes(
+            QueueUrl=url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+    def counts(self) -> QueueCounts:
+        visible, in_flight = self._approximate(self.queue_url)
+        dead_visible, dead_hidden = self._approximate(self.dead_url)
+        return QueueCounts(visible, in_flight, dead_visible + dead_hidden)
+
+    def dead_letters(self, max_messages: int = 10) -> list[str]:
+        result = self.client.receive_message(
+            QueueUrl=self.dead_url, MaxNumberOfMessages=max(1, min(max_messages, _MAX_BATCH)),
+            VisibilityTimeout=0,
+        )
+        return [m["Body"] for m in result.get("Messages", [])]
+
+    def purge(self) -> None:
+        self.client.purge_queue(QueueUrl=self.queue_url)

@@ -1,0 +1,95 @@
+"""Putting a job on a queue, and reading where it stands.
+
+Enqueueing streams from the lazy plan in batches and skips, in bulk, the chunks
+whose done marker exists (one listing into a bitmap, not one lookup per chunk),
+so a rerun of the same job only sends what is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .job import Job
+from .queues import QueueCounts, TaskQueue
+from .task import Task
+
+
+def default_queue_url(job: Job) -> str:
+    """The embedded queue beside a local output, else in the user's cache folder."""
+    if job.spec.output_url.startswith("file://"):
+        return f"{job.job_url}/queue.sqlite"
+    return f"file://{Path.home()}/.cache/chunk_ops/queues/{job.id}.sqlite"
+
+
+def stage_messages(job: Job, stage: int, skip_done: bool = True) -> Iterator[str]:
+    done = job.done_mask(stage) if skip_done else None
+    for i in range(len(job.plan)):
+        if done is None or not done[i]:
+            yield Task(job.id, job.spec_url, stage, job.plan[i]).to_json()
+
+
+def enqueue_stage(job: Job, queue: TaskQueue, stage: int) -> int:
+    """Send the stage's tasks that are not done yet; returns how many were sent."""
+    return queue.send_batch(stage_messages(job, stage))
+
+
+@dataclass
+class StageStatus:
+    done: int
+    total: int
+    voxels_per_s: float | None
+    eta_s: float | None
+
+
+@dataclass
+class JobStatus:
+    job_id: str
+    queue: QueueCounts
+    stages: dict[int, StageStatus]
+    dead_letters: list[str]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["queue"] = {**asdict(self.queue), "pending": self.queue.pending}
+        return d
+
+
+def stage_status(job: Job, stage: int) -> StageStatus:
+    records = job.done_records(stage)
+    total = len(job.plan)
+    rate = eta = None
+    if records:
+        first = min(r["started_at"] for r in records)
+        last = max(r["finished_at"] for r in records)
+        voxels = sum(r["voxels"] for r in records)
+        if last > first:
+            rate = voxels / (last - first)
+            remaining = job.roi.size - voxels
+            eta = max(0.0, remaining / rate) if len(records) < total else 0.0
+    return StageStatus(len(records), total, rate, eta)
+
+
+def job_status(job: Job, queue: TaskQueue) -> JobStatus:
+    return JobStatus(
+        job_id=job.id,
+        queue=queue.counts(),
+        stages={stage: stage_status(job, stage) for stage in (1, 2)},
+        dead_letters=queue.dead_letters(),
+    )
+
+
+def wait_for_stage(job: Job, queue: TaskQueue, stage: int, poll_s: float = 1.0,
+                   timeout_s: float | None = None) -> bool:
+    """Wait until every chunk of the stage is done (True) or nothing is left to try (False)."""
+    deadline = None if timeout_s is None else time.time() + timeout_s
+    while True:
+        if job.done_mask(stage).all():
+            return True
+        if queue.counts().pending == 0:
+            return bool(job.done_mask(stage).all())
+        if deadline is not None and time.time() > deadline:
+            return False
+        time.sleep(poll_s)

@@ -1,0 +1,221 @@
+"""The worker loop: lease a task, keep the lease alive, do it, mark it done, delete it.
+
+- A background heartbeat extends the lease every third of the visibility timeout,
+  so a task may take longer than the timeout; a worker that dies stops the
+  heartbeat, the lease expires, and another worker redoes the task.
+- Writes are idempotent and block-aligned, and done markers are written before the
+  message is deleted, so a task done twice (a redelivery) gives the same bytes.
+- SIGTERM (a preemption notice): lease nothing new; finish the current task within
+  ``grace_s``, or give it back at once (visibility 0) and exit.
+- Transient errors are retried with exponential backoff, then the task is put back
+  with a delay.  Permanent ones (a poison message, a bad spec) are put back at
+  once, so the queue's receive limit moves them to the dead-letter queue.
+- The worker exits after the queue stays empty for ``idle_exit_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .job import Job
+from .queues import Lease, LeaseLost, TaskQueue, open_queue
+from .stages import run_stage1, run_stage2
+from .task import Task, TaskError
+
+log = logging.getLogger("chunk_ops.worker")
+
+PERMANENT = (ValueError,)  # TaskError, SpecError, ModelError, VolumeError: retrying cannot help
+
+
+@dataclass
+class WorkerConfig:
+    queue_url: str
+    visibility_timeout_s: float = 60.0
+    idle_exit_s: float = 30.0
+    grace_s: float = 25.0
+    retries: int = 3
+    backoff_s: float = 1.0
+    max_tasks: int | None = None
+
+
+@dataclass
+class WorkerSummary:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    given_back: int = 0
+    by_stage: dict = field(default_factory=lambda: {1: 0, 2: 0})
+
+
+def _event(event: str, **fields) -> None:
+    log.info(json.dumps({"event": event, "worker": WORKER_NAME, **fields}, default=str))
+
+
+WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Heartbeat(threading.Thread):
+    """Extends one lease until stopped; enforces the SIGTERM grace period."""
+
+    def __init__(self, worker: "Worker", lease: Lease):
+        super().__init__(daemon=True)
+        self.worker, self.lease = worker, lease
+        self.stop_event = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        cfg = self.worker.config
+        period = max(0.2, cfg.visibility_timeout_s / 3)
+        while not self.stop_event.wait(min(period, 0.5) if self.worker.stopping_since else period):
+            if self._past_grace():
+                try:
+                    self.worker.queue.release(self.lease)
+                    _event("given_back", message=self.lease.message_id, reason="SIGTERM grace period over")
+                except LeaseLost:
+                    pass
+                os._exit(143)  # the main thread is inside the network; leave now
+            try:
+                self.worker.queue.extend(self.lease, cfg.visibility_timeout_s)
+            except LeaseLost as e:
+                self.lost = True
+                _event("lease_lost", message=self.lease.message_id, error=str(e))
+                return
+            except Exception as e:  # a queue hiccup: try again next period
+                _event("heartbeat_error", message=self.lease.message_id, error=repr(e))
+
+    def _past_grace(self) -> bool:
+        since = self.worker.stopping_since
+        return since is not None and time.time() - since > self.worker.config.grace_s
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join()
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, queue: TaskQueue | None = None):
+        self.config = config
+        self.queue = queue or open_queue(config.queue_url)
+        self.jobs: dict[str, Job] = {}
+        self.stopping_since: float | None = None
+        self.summary = WorkerSummary()
+
+    def install_signal_handlers(self) -> None:
+        def on_term(signum, frame):
+            if self.stopping_since is None:
+                self.stopping_since = time.time()
+                _event("sigterm", grace_s=self.config.grace_s)
+
+        signal.signal(signal.SIGTERM, on_term)
+
+    def run(self) -> WorkerSummary:
+        cfg = self.config
+        _event("start", queue=cfg.queue_url)
+        idle_since = time.time()
+        handled = 0
+        while self.stopping_since is None:
+            if cfg.max_tasks is not None and handled >= cfg.max_tasks:
+                break
+            wait = min(2.0, cfg.idle_exit_s)
+            leases = self.queue.receive(1, cfg.visibility_timeout_s, wait_seconds=wait)
+            if not leases:
+                if time.time() - idle_since >= cfg.idle_exit_s:
+                    _event("idle_exit", idle_s=round(time.time() - idle_since, 1))
+                    break
+                continue
+            self.process(leases[0])
+            handled += 1
+            idle_since = time.time()
+        _event("stop", **{k: v for k, v in vars(self.summary).items()})
+        return self.summary
+
+    def _job(self, task: Task) -> Job:
+        job = self.jobs.get(task.spec_url)
+        if job is None:
+            job = self.jobs[task.spec_url] = Job.from_spec_url(task.spec_url)
+        if job.id != task.job_id:
+            raise TaskError(f"task names job {task.job_id} but {task.spec_url} is job {job.id}")
+        try:
+            job.plan.index_of(task.box)
+        except (ValueError, IndexError):
+            raise TaskError(f"task box {task.box} is not a chunk of job {job.id} (roi {job.roi})") from None
+        return job
+
+    def process(self, lease: Lease) -> None:
+        heartbeat = _Heartbeat(self, lease)
+        heartbeat.start()
+        try:
+            self._process(lease)
+        finally:
+            heartbeat.stop()
+
+    def _process(self, lease: Lease) -> None:
+        started = time.time()
+        try:
+            task = Task.from_json(lease.body)
+            job = self._job(task)
+            if job.is_done(task.stage, task.box):
+                self._delete(lease)
+                self.summary.skipped += 1
+                _event("skip_done", job=task.job_id, stage=task.stage, chunk=task.box.to_filename())
+                return
+            stats = self._with_retries(task, job)
+        except PERMANENT as e:
+            self.summary.failed += 1
+            _event("failed", message=lease.message_id, receive_count=lease.receive_count,
+                   permanent=True, error=str(e))
+            self._give_back(lease, delay_s=0)
+            return
+        except Exception as e:
+            self.summary.failed += 1
+            _event("failed", message=lease.message_id, receive_count=lease.receive_count,
+                   permanent=False, error=repr(e))
+            self._give_back(lease, delay_s=self.config.backoff_s * 2 ** self.config.retries)
+            return
+        job.mark_done(task.stage, task.box, {
+            **stats.to_dict(), "worker": WORKER_NAME, "receive_count": lease.receive_count,
+            "started_at": started, "finished_at": time.time(),
+        })
+        self._delete(lease)
+        self.summary.done += 1
+        self.summary.by_stage[task.stage] += 1
+        _event("done", job=task.job_id, stage=task.stage, chunk=task.box.to_filename(),
+               seconds=round(time.time() - started, 3), receive_count=lease.receive_count)
+
+    def _with_retries(self, task: Task, job: Job):
+        run = run_stage1 if task.stage == 1 else run_stage2
+        for attempt in range(self.config.retries + 1):
+            try:
+                return run(job, task.box)
+            except PERMANENT:
+                raise
+            except Exception as e:
+                if attempt == self.config.retries:
+                    raise
+                delay = self.config.backoff_s * 2 ** attempt
+                _event("retry", chunk=task.box.to_filename(), attempt=attempt + 1, delay_s=delay, error=repr(e))
+                time.sleep(delay)
+
+    def _delete(self, lease: Lease) -> None:
+        try:
+            self.queue.delete(lease)
+        except LeaseLost:
+            # redelivered meanwhile: the other holder finds the done marker and deletes it
+            _event("delete_lost", message=lease.message_id)
+
+    def _give_back(self, lease: Lease, delay_s: float) -> None:
+        try:
+            if delay_s > 0:
+                self.queue.extend(lease, delay_s)
+            else:
+                self.queue.release(lease)
+            self.summary.given_back += 1
+        except LeaseLost:
+            pass
