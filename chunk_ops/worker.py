@@ -73,7 +73,9 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         cfg = self.worker.config
         period = max(0.2, cfg.visibility_timeout_s / 3)
-        while not self.stop_event.wait(min(period, 0.5) if self.worker.stopping_since else period):
+        next_extend = time.monotonic() + period
+        # wake often: the SIGTERM grace deadline must be met whatever the lease length
+        while not self.stop_event.wait(0.2):
             if self._past_grace():
                 try:
                     self.worker.queue.release(self.lease)
@@ -81,13 +83,16 @@ class _Heartbeat(threading.Thread):
                 except LeaseLost:
                     pass
                 os._exit(143)  # the main thread is inside the network; leave now
+            if time.monotonic() < next_extend:
+                continue
             try:
                 self.worker.queue.extend(self.lease, cfg.visibility_timeout_s)
+                next_extend = time.monotonic() + period
             except LeaseLost as e:
                 self.lost = True
                 _event("lease_lost", message=self.lease.message_id, error=str(e))
                 return
-            except Exception as e:  # a queue hiccup: try again next period
+            except Exception as e:  # a queue hiccup: try again shortly
                 _event("heartbeat_error", message=self.lease.message_id, error=repr(e))
 
     def _past_grace(self) -> bool:

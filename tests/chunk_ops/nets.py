@@ -5,6 +5,8 @@ is a seeded, non-linear conv net whose output depends on context, so any seam or
 misplaced patch shows up against the whole-volume reference.
 """
 
+import time
+
 import torch
 from torch import nn
 
@@ -27,8 +29,9 @@ class Affine(nn.Module):
 class TinyConvNet(nn.Module):
     """Two 'same'-padded 3x3x3 convs and a sigmoid, seeded weights."""
 
-    def __init__(self, in_channels=1, out_channels=1, hidden=4, seed=0):
+    def __init__(self, in_channels=1, out_channels=1, hidden=4, seed=0, delay_s=0.0):
         super().__init__()
+        self.delay_s = delay_s  # makes tasks slow enough for kill and SIGTERM tests
         g = torch.Generator().manual_seed(seed)
         self.c1 = nn.Conv3d(in_channels, hidden, 3, padding=1)
         self.c2 = nn.Conv3d(hidden, out_channels, 3, padding=1)
@@ -37,13 +40,15 @@ class TinyConvNet(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
     def forward(self, x):
+        if self.delay_s:
+            time.sleep(self.delay_s)
         return torch.sigmoid(self.c2(torch.tanh(self.c1(x * 4 - 2))))
 
 
 class ValidConvNet(TinyConvNet):
     """Like TinyConvNet but with unpadded convs: the output patch is 4 voxels smaller per axis."""
 
-    def __init__(self, in_channels=1, out_channels=1, hidden=4, seed=0):
-        super().__init__(in_channels, out_channels, hidden, seed)
+    def __init__(self, in_channels=1, out_channels=1, hidden=4, seed=0, delay_s=0.0):
+        super().__init__(in_channels, out_channels, hidden, seed, delay_s)
         self.c1.padding = (0, 0, 0)
         self.c2.padding = (0, 0, 0)

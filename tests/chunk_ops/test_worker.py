@@ -1,0 +1,181 @@
+"""Fault-tolerant workers: poison messages, SIGTERM, restarts, and a chaos run with kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chunk_ops.job import Job
+from chunk_ops.local_pool import report_from_markers, run_with_workers, worker_command
+from chunk_ops.queues import open_queue
+from chunk_ops.stages import reference_pass
+from chunk_ops.submit import enqueue_stage, job_status
+from chunk_ops.task import Task
+from chunk_ops.volume import Volume
+from chunk_ops.worker import Worker, WorkerConfig
+
+ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"
+
+
+def _queue(kind: str, tmp_path: Path, max_receives: int = 3):
+    url = (f"sqs://worker-{uuid.uuid4().hex[:12]}" if kind == "sqs"
+           else f"file://{tmp_path}/{uuid.uuid4().hex[:8]}.sqlite")
+    return open_queue(url, create=True, max_receives=max_receives)
+
+
+def _read(job: Job) -> np.ndarray:
+    return Volume(job.spec.output_url, 0).read(job.roi)
+
+
+@pytest.mark.parametrize("kind", ["embedded", "sqs"])
+def test_poison_messages_end_in_the_dead_letter_queue(make_spec, tmp_path, request, kind):
+    if kind == "sqs":
+        request.getfixturevalue("moto_sqs")
+    job = Job.open(make_spec(chunk=(16, 16, 4)))
+    job.prepare()
+    queue = _queue(kind, tmp_path, max_receives=2)
+    outside = Task(job.id, job.spec_url, 1, job.plan[0].shift((1000, 0, 0))).to_json()
+    wrong_types = json.dumps({"v": 1, "job": 7, "spec": job.spec_url, "stage": "1", "box": [0, 0, 0]})
+    poison = ["{not json", json.dumps({"v": 2}), wrong_types, outside]
+    queue.send_batch(poison)
+    assert enqueue_stage(job, queue, 1) == len(job.plan)
+
+    summary = Worker(WorkerConfig(queue.url, visibility_timeout_s=30, idle_exit_s=1.5), queue).run()
+
+    assert job.done_mask(1).all() and summary.done == len(job.plan)
+    counts = queue.counts()
+    assert (counts.visible, counts.in_flight, counts.dead) == (0, 0, 4)
+    assert sorted(queue.dead_letters(10)) == sorted(poison)
+    assert summary.failed == 4 * 2  # each poison message was tried max_receives times, then redriven
+
+
+def _spawn(queue_url: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(worker_command(queue_url, **kw), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _slow_job(make_spec, delay_s: float, **kw) -> Job:
+    spec = make_spec(net_kwargs={"in_channels": 1, "out_channels": 1, "delay_s": delay_s}, **kw)
+    job = Job.open(spec)
+    job.prepare()
+    return job
+
+
+def _wait_until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.time() + timeout_s
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_sigterm_finishes_the_task_within_the_grace_period(make_spec, tmp_path):
+    job = _slow_job(make_spec, delay_s=2.0, chunk=(48, 48, 16), batch_size=50)  # one chunk, two slow batches
+    queue = _queue("embedded", tmp_path)
+    enqueue_stage(job, queue, 1)
+    proc = _spawn(queue.url, grace_s=60)
+    _wait_until(lambda: queue.counts().in_flight == 1, 60, "the worker to lease the task")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(90) == 0, proc.stderr.read()
+    assert job.done_mask(1).all()
+    assert queue.counts().pending == 0
+
+
+def test_sigterm_gives_the_task_back_when_the_grace_period_is_too_short(make_spec, tmp_path):
+    job = _slow_job(make_spec, delay_s=3.0, chunk=(48, 48, 16), batch_size=50)
+    queue = _queue("embedded", tmp_path)
+    enqueue_stage(job, queue, 1)
+    proc = _spawn(queue.url, grace_s=1.0, visibility_timeout_s=600)
+    _wait_until(lambda: queue.counts().in_flight == 1, 60, "the worker to lease the task")
+    time.sleep(0.5)
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 143
+    assert time.time() - signalled < 1.0 + 3.0  # grace, plus the heartbeat's poll
+    counts = queue.counts()
+    assert (counts.visible, counts.in_flight) == (1, 0), "given back at once, not after the 600 s lease"
+    assert not job.done_mask(1).any()
+    assert '"event": "given_back"' in proc.stderr.read()
+
+
+def test_restart_processes_only_the_missing_chunks(make_spec, tmp_path):
+    spec = make_spec(chunk=(8, 8, 4))
+    job = Job.open(spec)
+    job.prepare()
+    queue = _queue("embedded", tmp_path)
+    enqueue_stage(job, queue, 1)
+    Worker(WorkerConfig(queue.url, idle_exit_s=1, max_tasks=20), queue).run()  # then "every worker stops"
+    assert job.done_mask(1).sum() == 20
+    status = job_status(job, queue)
+    assert status.stages[1].done == 20 and status.stages[1].total == len(job.plan)
+    assert status.stages[1].voxels_per_s > 0 and status.stages[1].eta_s > 0
+    restart = time.time()
+
+    rerun = Job.open(spec)
+    assert rerun.id == job.id
+    report = run_with_workers(rerun, workers=1, queue_url=queue.url)
+    redone = [r for r in rerun.done_records(1) if r["started_at"] >= restart]
+    assert len(redone) == len(job.plan) - 20
+    assert np.abs(_read(rerun) - reference_pass(rerun)).max() <= 1e-5
+    assert report.amplification == 1.0
+
+    # the same job again: nothing left to do, nothing sent
+    assert enqueue_stage(Job.open(spec), queue, 1) == 0 and enqueue_stage(Job.open(spec), queue, 2) == 0
+
+
+def test_a_new_model_version_is_a_new_job(make_spec):
+    spec = make_spec()
+    first = Job.open(spec)
+    from tests.chunk_ops.conftest import save_net
+
+    spec["model"]["kwargs"]["seed"] = 1
+    spec["model"]["path"] = str(save_net(Path(spec["model"]["path"]).parent, "TinyConvNet", spec["model"]["kwargs"]))
+    spec["model"]["kwargs"].pop("seed")  # same spec text, only the weights differ
+    assert Job.open(spec).id != first.id
+
+
+@pytest.mark.slow
+def test_chaos_kills_lose_nothing(make_spec, tmp_path):
+    """75 chunks, 3 workers, one SIGKILLed every ~2 s and replaced, until both stages end."""
+    job = _slow_job(make_spec, delay_s=0.4, chunk=(8, 8, 4))
+    assert len(job.plan) >= 64
+    queue = _queue("embedded", tmp_path, max_receives=50)
+    rng = random.Random(3)
+    kw = dict(visibility_timeout_s=2.0, idle_exit_s=600.0)
+    workers = [_spawn(queue.url, **kw) for _ in range(3)]
+    kills = 0
+    started = time.time()
+    try:
+        for stage in (1, 2):
+            enqueue_stage(job, queue, stage)
+            while not job.done_mask(stage).all():
+                assert time.time() - started < 600, "chaos run did not finish"
+                time.sleep(rng.uniform(1.5, 2.5))
+                victim = rng.randrange(len(workers))
+                workers[victim].kill()
+                workers[victim].wait()
+                kills += 1
+                workers[victim] = _spawn(queue.url, **kw)
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+    job.remove_scratch()
+    report = report_from_markers(job, time.time() - started)
+    result = {"chunks": len(job.plan), "kills": kills, "redeliveries": report.redeliveries,
+              "dead_letters": queue.counts().dead, "wall_s": round(report.wall_s, 1)}
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "chaos.json").write_text(json.dumps(result, indent=2))
+    print("chaos:", result)
+    assert kills >= 5
+    assert queue.counts().dead == 0
+    assert np.abs(_read(job) - reference_pass(job)).max() <= 1e-5
