@@ -40,15 +40,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._report import write_section  # noqa: E402
 from chunk_ops.geometry import Box, Vec3
 from chunk_ops.job import Job
 from chunk_ops.models.demo import write_demo_model
 from chunk_ops.sample import write_sample
 from chunk_ops.stages import ChunkStats, normalize_input, run_stage1, run_stage2
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- worker_efficiency -->", "<!-- /worker_efficiency -->"
-INTRO = "# Benchmarks\n\nBenchmarks: ratios measured side by side in one run; rerun with the command shown.\n"
 DEFAULT_SHAPE, DEFAULT_CHUNK = (512, 512, 120), (256, 256, 24)
 
 
@@ -190,23 +189,11 @@ def markdown(r: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_doc(section: str) -> None:
-    block = f"{BEGIN}\n{section}{END}"
-    text = DOC.read_text() if DOC.exists() else INTRO
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", nargs=3, type=int, default=DEFAULT_SHAPE, metavar=("X", "Y", "Z"))
     ap.add_argument("--chunk", nargs=3, type=int, default=DEFAULT_CHUNK, metavar=("X", "Y", "Z"))
-    ap.add_argument("--write", action="store_true", help=f"replace this section in {DOC.name}")
+    ap.add_argument("--write", action="store_true", help="replace this section in docs/benchmarks.md")
     args = ap.parse_args(argv)
     command = ".venv/bin/python bench/worker_efficiency.py"
     for name in ("shape", "chunk"):
@@ -216,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     section = markdown(run(tuple(args.shape), tuple(args.chunk)), command)
     sys.stdout.write(section)
     if args.write:
-        write_doc(section)
+        write_section("worker_efficiency", section)
 
 
 if __name__ == "__main__":

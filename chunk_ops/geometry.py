@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence, overload
 
 AXES = ("x", "y", "z")
@@ -43,6 +43,8 @@ class Vec3:
     z: int
 
     def __post_init__(self) -> None:
+        if type(self.x) is int and type(self.y) is int and type(self.z) is int:
+            return  # the common case, kept cheap: plans build millions of these
         for axis in AXES:
             object.__setattr__(self, axis, _as_int(getattr(self, axis), f"Vec3.{axis}"))
 
@@ -135,9 +137,12 @@ class Box:
     stop: Vec3
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "start", Vec3.of(self.start))
-        object.__setattr__(self, "stop", Vec3.of(self.stop))
-        if any(a > b for a, b in zip(self.start, self.stop)):
+        if type(self.start) is not Vec3:
+            object.__setattr__(self, "start", Vec3.of(self.start))
+        if type(self.stop) is not Vec3:
+            object.__setattr__(self, "stop", Vec3.of(self.stop))
+        s, e = self.start, self.stop
+        if s.x > e.x or s.y > e.y or s.z > e.z:
             raise ValueError(f"box start {self.start.to_list()} exceeds stop {self.stop.to_list()}")
 
     # --- named constructors and their inverses ---------------------------------
@@ -233,12 +238,15 @@ class ChunkPlan:
 
     A lazy, indexable sequence: ``plan[i]`` is a :class:`Box`, ``len(plan)`` is the
     chunk count, ``plan[a:b]`` is a smaller plan view, iteration yields boxes in
-    x-fastest order.  Nothing proportional to the chunk count is stored.
+    x-fastest order.  Only the per-axis chunk bounds are stored (a few thousand
+    integers even for a petavoxel volume), never one entry per chunk.
     """
 
     roi: Box
     chunk_size: Vec3
     origin: Vec3
+    # per axis: the (start, stop) of each chunk along it, clipped to the ROI
+    _axis_bounds: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "chunk_size", Vec3.of(self.chunk_size))
@@ -247,6 +255,12 @@ class ChunkPlan:
             raise ValueError(f"chunk size must be positive, got {self.chunk_size.to_list()}")
         if self.roi.is_empty():
             raise ValueError(f"region of interest is empty: {self.roi}")
+        bounds = []
+        for ax in range(3):
+            lo, hi, c, o = self.roi.start[ax], self.roi.stop[ax], self.chunk_size[ax], self.origin[ax]
+            first = o + (lo - o) // c * c
+            bounds.append(tuple((max(a, lo), min(a + c, hi)) for a in range(first, hi, c)))
+        object.__setattr__(self, "_axis_bounds", tuple(bounds))
 
     @property
     def first_index(self) -> Vec3:
@@ -256,11 +270,15 @@ class ChunkPlan:
     @property
     def grid_shape(self) -> Vec3:
         """Chunks per axis."""
-        last = (self.roi.stop - self.origin).ceildiv(self.chunk_size)
-        return last - self.first_index
+        return Vec3(*(len(b) for b in self._axis_bounds))
+
+    def axis_bounds(self, axis: int) -> tuple[tuple[int, int], ...]:
+        """The (start, stop) of the chunks along one axis, clipped to the ROI."""
+        return self._axis_bounds[axis]
 
     def __len__(self) -> int:
-        return self.grid_shape.prod()
+        bx, by, bz = self._axis_bounds
+        return len(bx) * len(by) * len(bz)
 
     def grid_index(self, i: int) -> Vec3:
         """Chunk grid position (relative to the ROI's first chunk) of linear index i."""
@@ -268,7 +286,7 @@ class ChunkPlan:
         if not -n <= i < n:
             raise IndexError(f"chunk index {i} out of range for a plan of {n} chunks")
         i %= n
-        gx, gy, _ = self.grid_shape
+        gx, gy = len(self._axis_bounds[0]), len(self._axis_bounds[1])
         return Vec3(i % gx, (i // gx) % gy, i // (gx * gy))
 
     def linear_index(self, grid_index: Vec3) -> int:
@@ -280,8 +298,9 @@ class ChunkPlan:
 
     def box_at(self, grid_index: Vec3) -> Box:
         """The chunk at a grid position, clipped to the ROI."""
-        start = self.origin + (self.first_index + grid_index) * self.chunk_size
-        return Box(start, start + self.chunk_size).intersection(self.roi)
+        bx, by, bz = self._axis_bounds
+        (x0, x1), (y0, y1), (z0, z1) = bx[grid_index.x], by[grid_index.y], bz[grid_index.z]
+        return Box(Vec3(x0, y0, z0), Vec3(x1, y1, z1))
 
     @overload
     def __getitem__(self, i: int) -> Box: ...
@@ -293,9 +312,9 @@ class ChunkPlan:
         return self.box_at(self.grid_index(i))
 
     def __iter__(self) -> Iterator[Box]:
-        gx, gy, gz = self.grid_shape
-        for z, y, x in itertools.product(range(gz), range(gy), range(gx)):
-            yield self.box_at(Vec3(x, y, z))
+        bx, by, bz = self._axis_bounds
+        for (z0, z1), (y0, y1), (x0, x1) in itertools.product(bz, by, bx):
+            yield Box(Vec3(x0, y0, z0), Vec3(x1, y1, z1))
 
     def index_of(self, box: Box) -> int:
         """Linear index of the chunk whose box is ``box`` (raises if it is none)."""

@@ -26,9 +26,9 @@ def default_queue_url(job: Job) -> str:
 
 def stage_messages(job: Job, stage: int, skip_done: bool = True) -> Iterator[str]:
     done = job.done_mask(stage) if skip_done else None
-    for i in range(len(job.plan)):
+    for i, box in enumerate(job.plan):
         if done is None or not done[i]:
-            yield Task(job.id, job.spec_url, stage, job.plan[i]).to_json()
+            yield Task(job.id, job.spec_url, stage, box).to_json()
 
 
 def enqueue_stage(job: Job, queue: TaskQueue, stage: int) -> int:
