@@ -12,10 +12,18 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Iterable, Iterator, Protocol
 
 DEFAULT_MAX_RECEIVES = 5
+
+
+def batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
+    """Lists of up to n items, streaming (itertools.batched arrives in Python 3.12)."""
+    it = iter(items)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
 
 
 class LeaseLost(RuntimeError):

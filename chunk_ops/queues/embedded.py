@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable
 
-from .base import DEFAULT_MAX_RECEIVES, Lease, LeaseLost, QueueCounts
+from .base import DEFAULT_MAX_RECEIVES, Lease, LeaseLost, QueueCounts, batched
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -74,20 +74,12 @@ class EmbeddedQueue:
         )
 
     def send_batch(self, bodies: Iterable[str]) -> int:
-        sent, batch = 0, []
-        for body in bodies:
-            batch.append((body,))
-            if len(batch) == _BATCH:
-                sent += self._insert(batch)
-                batch = []
-        if batch:
-            sent += self._insert(batch)
+        sent = 0
+        for batch in batched(bodies, _BATCH):  # one transaction per batch
+            with self._write() as tx:
+                tx.executemany("INSERT INTO messages (body, visible_at) VALUES (?, 0)", ((b,) for b in batch))
+            sent += len(batch)
         return sent
-
-    def _insert(self, rows: list[tuple[str]]) -> int:
-        with self._write() as tx:
-            tx.executemany("INSERT INTO messages (body, visible_at) VALUES (?, 0)", rows)
-        return len(rows)
 
     def receive(self, max_messages: int = 1, visibility_timeout: float = 60.0,
                 wait_seconds: float = 0.0) -> list[Lease]:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Iterable
 
-from .base import DEFAULT_MAX_RECEIVES, Lease, LeaseLost, QueueCounts
+from .base import DEFAULT_MAX_RECEIVES, Lease, LeaseLost, QueueCounts, batched
 
 _MAX_BATCH = 10  # SendMessageBatch / ReceiveMessage limit
+_SEND_THREADS = 16
+_IN_FLIGHT = 64
 
 
 def sqs_client():
@@ -55,14 +58,20 @@ class SqsQueue:
         self.client.set_queue_attributes(QueueUrl=url, Attributes={"RedrivePolicy": redrive})
 
     def send_batch(self, bodies: Iterable[str]) -> int:
-        sent, batch = 0, []
-        for body in bodies:
-            batch.append(body)
-            if len(batch) == _MAX_BATCH:
-                sent += self._send(batch)
-                batch = []
-        if batch:
-            sent += self._send(batch)
+        """Send in SendMessageBatch calls of 10, several in flight at once.
+
+        Each call waits a network round trip, so calls overlap on threads; at most
+        ``_IN_FLIGHT`` batches are pending, so a long stream is never held in memory.
+        """
+        sent = 0
+        with ThreadPoolExecutor(max_workers=_SEND_THREADS) as pool:
+            pending: set[Future] = set()
+            for batch in batched(bodies, _MAX_BATCH):
+                if len(pending) >= _IN_FLIGHT:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    sent += sum(f.result() for f in finished)
+                pending.add(pool.submit(self._send, batch))
+            sent += sum(f.result() for f in pending)
         return sent
 
     def _send(self, bodies: list[str]) -> int:
