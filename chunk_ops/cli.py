@@ -5,6 +5,7 @@
     chunk-ops submit JOB.json --queue URL  prepare the job and enqueue a stage's tasks
     chunk-ops worker --queue URL     lease and do tasks until the queue stays empty
     chunk-ops status JOB.json --queue URL  done of total, queue depths, throughput, ETA
+    chunk-ops finish JOB.json --queue URL  after the merge: verify, remove scratch, report
     chunk-ops sample URL --shape X Y Z   write an EM-like sample image layer
     chunk-ops demo --workdir DIR     sample volume + demo model + job, then run it
 """
@@ -156,6 +157,22 @@ def status(job: dict, queue_url: str | None) -> None:
         click.echo(json.dumps(job_status(opened, queue).to_dict(), indent=2))
     except ValueError as e:
         raise click.ClickException(str(e)) from None
+
+
+@main.command()
+@click.argument("job", type=JobFile())
+@click.option("--queue", "queue_url", help="queue URL (default: an embedded queue beside the output)")
+def finish(job: dict, queue_url: str | None) -> None:
+    """After stage 2: check every chunk is done, remove the scratch, write the report."""
+    from .queues import open_queue
+    from .submit import default_queue_url, finish_job
+
+    opened = _open_job(job)
+    try:
+        report = finish_job(opened, open_queue(queue_url or default_queue_url(opened)))
+    except (ValueError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(report.to_dict(), indent=2))
 
 
 @main.command()

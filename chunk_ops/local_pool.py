@@ -15,8 +15,8 @@ from typing import Sequence
 
 from .job import Job
 from .queues import open_queue
-from .stages import ChunkStats, RunReport
-from .submit import default_queue_url, enqueue_stage
+from .stages import RunReport
+from .submit import check_stage_done, default_queue_url, enqueue_stage, finish_job
 
 
 def worker_command(queue_url: str, *, idle_exit_s: float = 3.0, visibility_timeout_s: float = 60.0,
@@ -26,21 +26,6 @@ def worker_command(queue_url: str, *, idle_exit_s: float = 3.0, visibility_timeo
         "--idle-exit", str(idle_exit_s), "--visibility-timeout", str(visibility_timeout_s),
         "--grace", str(grace_s), *extra,
     ]
-
-
-def report_from_markers(job: Job, wall_s: float) -> RunReport:
-    """The run's report, from the done markers (each holds its task's timings)."""
-    report = RunReport(job.id, len(job.plan), job.roi.size, 0, len(job.grid), wall_s)
-    for stage, total in ((1, report.stage1), (2, report.stage2)):
-        for record in job.done_records(stage):
-            total.add(ChunkStats(**{k: record[k] for k in ChunkStats.__dataclass_fields__}))
-            report.redeliveries += record["receive_count"] - 1
-    report.patches_evaluated = report.stage1.patches
-    return report
-
-
-class StageFailed(RuntimeError):
-    pass
 
 
 def run_with_workers(job: Job, workers: int, queue_url: str | None = None, *,
@@ -60,13 +45,5 @@ def run_with_workers(job: Job, workers: int, queue_url: str | None = None, *,
                     for _ in range(workers)]
             for proc in pool:
                 proc.wait()
-        missing = int((~job.done_mask(stage)).sum())
-        if missing:
-            raise StageFailed(
-                f"stage {stage} of job {job.id}: {missing} of {len(job.plan)} chunks not done; "
-                f"dead letters: {queue.dead_letters(3)}"
-            )
-    job.remove_scratch()
-    report = report_from_markers(job, time.perf_counter() - started)
-    job.write_report(report.to_dict())
-    return report
+        check_stage_done(job, queue, stage)
+    return finish_job(job, queue, time.perf_counter() - started)

@@ -14,6 +14,7 @@ from typing import Iterator
 
 from .job import Job
 from .queues import QueueCounts, TaskQueue
+from .stages import ChunkStats, RunReport
 from .task import Task
 
 
@@ -93,3 +94,42 @@ def wait_for_stage(job: Job, queue: TaskQueue, stage: int, poll_s: float = 1.0,
         if deadline is not None and time.time() > deadline:
             return False
         time.sleep(poll_s)
+
+
+class StageIncomplete(RuntimeError):
+    """A stage ended with chunks not done (their tasks are dead-lettered or lost)."""
+
+
+def check_stage_done(job: Job, queue: TaskQueue, stage: int) -> None:
+    missing = int((~job.done_mask(stage)).sum())
+    if missing:
+        raise StageIncomplete(
+            f"stage {stage} of job {job.id}: {missing} of {len(job.plan)} chunks not done; "
+            f"queue {queue.counts()}; dead letters: {queue.dead_letters(3)}"
+        )
+
+
+def report_from_markers(job: Job, wall_s: float | None = None) -> RunReport:
+    """The run's report, from the done markers (each holds its task's timings).
+
+    ``wall_s`` defaults to the span from the first task's start to the last one's end.
+    """
+    report = RunReport(job.id, len(job.plan), job.roi.size, 0, len(job.grid), 0.0)
+    first, last = float("inf"), 0.0
+    for stage, total in ((1, report.stage1), (2, report.stage2)):
+        for record in job.done_records(stage):
+            total.add(ChunkStats(**{k: record[k] for k in ChunkStats.__dataclass_fields__}))
+            report.redeliveries += record["receive_count"] - 1
+            first, last = min(first, record["started_at"]), max(last, record["finished_at"])
+    report.patches_evaluated = report.stage1.patches
+    report.wall_s = wall_s if wall_s is not None else max(0.0, last - first)
+    return report
+
+
+def finish_job(job: Job, queue: TaskQueue, wall_s: float | None = None) -> RunReport:
+    """After the merge: check every chunk is done, remove the scratch, write the report."""
+    check_stage_done(job, queue, 2)
+    job.remove_scratch()
+    report = report_from_markers(job, wall_s)
+    job.write_report(report.to_dict())
+    return report

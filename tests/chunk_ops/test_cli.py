@@ -63,3 +63,41 @@ def test_sample_writes_a_layer(tmp_path):
     image = vol.read(vol.bounds)
     assert image.shape == (1, 8, 48, 64) and image.dtype == np.uint8
     assert image.std() > 10  # membranes and texture, not a flat image
+
+
+def test_submit_workers_and_status_over_sqs(make_spec, tmp_path, moto_sqs):
+    """The commands a lab without Airflow runs by hand, against a real SQS server (moto)."""
+    from chunk_ops.job import Job
+    from chunk_ops.stages import reference_pass
+
+    spec = make_spec()
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(spec))
+    queue = f"sqs://cli-{tmp_path.name[-12:]}"
+
+    for stage in ("1", "2"):
+        submitted = _chunk_ops("submit", str(job_file), "--queue", queue, "--stage", stage, cwd=tmp_path)
+        assert submitted.returncode == 0, submitted.stderr
+        assert json.loads(submitted.stdout)["sent"] == 27
+        worked = _chunk_ops("worker", "--queue", queue, "--idle-exit", "2", cwd=tmp_path)
+        assert worked.returncode == 0, worked.stderr
+        assert worked.stderr.count('"event": "done"') == 27
+
+    status = _chunk_ops("status", str(job_file), "--queue", queue, cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["stages"]["1"]["done"] == report["stages"]["2"]["done"] == 27
+    assert report["queue"] == {"visible": 0, "in_flight": 0, "dead": 0, "pending": 0}
+    assert report["stages"]["1"]["voxels_per_s"] > 0 and report["stages"]["1"]["eta_s"] == 0
+
+    finished = _chunk_ops("finish", str(job_file), "--queue", queue, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads(finished.stdout)["amplification"] == 1.0
+    job_dir = Path(spec["output"]["url"].removeprefix("file://")) / "jobs" / report["job_id"]
+    assert (job_dir / "report.json").exists() and not any((job_dir / "scratch").glob("*.npy"))
+
+    again = _chunk_ops("submit", str(job_file), "--queue", queue, cwd=tmp_path)
+    assert json.loads(again.stdout)["sent"] == 0  # a rerun of a finished job sends nothing
+
+    job = Job.open(spec)
+    assert np.abs(Volume(spec["output"]["url"], 0).read(job.roi) - reference_pass(job)).max() <= 1e-5

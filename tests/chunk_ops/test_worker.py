@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from chunk_ops.job import Job
-from chunk_ops.local_pool import report_from_markers, run_with_workers, worker_command
+from chunk_ops.local_pool import run_with_workers, worker_command
 from chunk_ops.queues import open_queue
 from chunk_ops.stages import reference_pass
-from chunk_ops.submit import enqueue_stage, job_status
+from chunk_ops.submit import enqueue_stage, job_status, report_from_markers
 from chunk_ops.task import Task
 from chunk_ops.volume import Volume
 from chunk_ops.worker import Worker, WorkerConfig
