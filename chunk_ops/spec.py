@@ -70,6 +70,7 @@ class JobSpec:
     device: str
     batch_size: int
     scratch_url: str | None
+    queue_url: str | None
     document: str  # the validated document with defaults filled in, canonical JSON
 
     @property
@@ -177,12 +178,13 @@ def parse_spec(document: dict[str, Any]) -> JobSpec:
         device=inf["device"],
         batch_size=inf["batch_size"],
         scratch_url=doc.get("scratch_url"),
+        queue_url=doc.get("queue", {}).get("url"),
         document=json.dumps(doc, sort_keys=True, separators=(",", ":")),
     )
 
 
 # Fields that do not change the output bytes, so they stay out of the job id.
-_NOT_IN_JOB_ID = {("inference", "device"), ("inference", "batch_size"), ("scratch_url",)}
+_NOT_IN_JOB_ID = {("inference", "device"), ("inference", "batch_size"), ("scratch_url",), ("queue",), ("workers",)}
 
 
 def job_id(spec: JobSpec, model_sha256: str, roi: Box) -> str:

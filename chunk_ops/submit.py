@@ -19,7 +19,9 @@ from .task import Task
 
 
 def default_queue_url(job: Job) -> str:
-    """The embedded queue beside a local output, else in the user's cache folder."""
+    """The spec's queue; else the embedded one beside a local output, or in the cache folder."""
+    if job.spec.queue_url:
+        return job.spec.queue_url
     if job.spec.output_url.startswith("file://"):
         return f"{job.job_url}/queue.sqlite"
     return f"file://{Path.home()}/.cache/chunk_ops/queues/{job.id}.sqlite"

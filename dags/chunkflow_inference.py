@@ -1,0 +1,164 @@
+"""
+### Seamless ConvNet inference over a precomputed volume
+
+Runs one chunk_ops job: the trigger form's fields are the job spec
+(`chunk_ops/job_spec.schema.json`). Stages:
+
+1. **validate** the spec against the volumes and the model (nothing written on error);
+2. **prepare** the output layer and store the spec next to it;
+3. **stage 1**: enqueue a task per chunk not done yet; local worker tasks, GPU pods and
+   CPU pods (spot/preemptible node pools) drain the queue side by side; a deferrable
+   sensor waits for every chunk's done marker;
+4. **stage 2** (merge, no GPU): the same with local and CPU workers only;
+5. **verify** every chunk, remove the scratch, and **report**.
+
+A worker that is preempted loses nothing: its lease expires and another worker redoes
+the chunk; a killed pod fails its task instance and Airflow's retry starts another.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.sdk import DAG, task
+from chunkflow_airflow.operators.chunk_ops import EnqueueChunksOperator
+from chunkflow_airflow.sensors.chunk_ops import StageDoneSensor
+from chunkflow_airflow.utils.params import job_params
+from kubernetes.client import models as k8s
+
+WORKER_RESOURCES = {
+    "gpu": k8s.V1ResourceRequirements(requests={"cpu": "4", "memory": "16Gi"},
+                                      limits={"memory": "16Gi", "nvidia.com/gpu": "1"}),
+    "cpu": k8s.V1ResourceRequirements(requests={"cpu": "2", "memory": "8Gi"}, limits={"memory": "8Gi"}),
+}
+
+with DAG(
+    dag_id="chunkflow_inference",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    tags=["chunk_ops", "inference"],
+    doc_md=__doc__,
+    params=job_params(),
+    max_active_runs=4,
+) as dag:
+
+    @task
+    def validate(params: dict | None = None) -> dict:
+        """Parse the spec and open the job: volumes, region, model (one forward pass)."""
+        from chunk_ops.job import Job
+        from chunkflow_airflow.utils.params import spec_from_params
+
+        document = spec_from_params(params)
+        job = Job.open(document)
+        job.predictor  # loads the model and checks it on one patch
+        return document
+
+    @task(multiple_outputs=True)
+    def prepare(document: dict) -> dict:
+        """Create the output layer (if new) and store the spec; nothing before this writes."""
+        from chunk_ops.job import Job
+        from chunk_ops.submit import default_queue_url
+
+        job = Job.open(document)
+        job.prepare()
+        queue = document.get("queue") or {}
+        return {
+            "job_id": job.id,
+            "spec_url": job.spec_url,
+            "queue_url": default_queue_url(job),
+            "aws_conn_id": queue.get("aws_conn_id", "aws_default"),
+            "max_receives": queue.get("max_receives", 5),
+            "chunks": len(job.plan),
+            "workers": {"local": 1, "gpu": {"max": 0}, "cpu": {"max": 0}, "tasks_per_worker": 8,
+                        "image": "chunk-ops-worker:latest", "namespace": "default", "cloud": "gke",
+                        "idle_exit_s": 30, **(document.get("workers") or {})},
+        }
+
+    @task
+    def size_pool(info: dict, sent: int, stage: int, pool: str) -> list:
+        """One pool's workers for a stage: sized from the queue depth, capped by the request.
+
+        Local: a list of worker indices. GPU/CPU: per-pod KubernetesPodOperator kwargs.
+        The GPU pool fills first; CPU pods take the rest; merges (stage 2) get no GPU.
+        """
+        import math
+
+        from chunkflow_airflow.hooks.chunk_queue import ChunkQueueHook
+        from chunkflow_airflow.utils.pods import pod_kwargs
+
+        w = info["workers"]
+        if not sent:
+            return []
+        if pool == "local":
+            return list(range(w["local"]))
+        hook = ChunkQueueHook(info["queue_url"], info["aws_conn_id"])
+        wanted = math.ceil(hook.get_queue().counts().pending / w["tasks_per_worker"])
+        gpu = min(w["gpu"]["max"], wanted) if stage == 1 else 0
+        count = gpu if pool == "gpu" else min(w["cpu"]["max"], max(0, wanted - gpu))
+        pods = pod_kwargs(pool, stage, count, job_id=info["job_id"], queue_url=info["queue_url"],
+                          cloud=w["cloud"], idle_exit_s=w["idle_exit_s"], env=hook.worker_env())
+        return [{**kw, "image": w["image"], "namespace": w["namespace"]} for kw in pods]
+
+    @task(retries=2, retry_delay=timedelta(seconds=10))
+    def local_worker(index: int, info: dict) -> dict:
+        """A chunk_ops worker on this Airflow worker; exits when the queue stays empty."""
+        from chunk_ops.worker import Worker, WorkerConfig
+        from chunkflow_airflow.hooks.chunk_queue import ChunkQueueHook
+
+        queue = ChunkQueueHook(info["queue_url"], info["aws_conn_id"]).get_queue()
+        config = WorkerConfig(info["queue_url"], idle_exit_s=float(info["workers"]["idle_exit_s"]))
+        summary = Worker(config, queue).run()
+        return {"index": index, "done": summary.done, "skipped": summary.skipped, "failed": summary.failed}
+
+    def pod_pool(pool: str, stage: int, kwargs):
+        return KubernetesPodOperator.partial(
+            task_id=f"{pool}_pool_stage{stage}",
+            cmds=["chunk-ops"],
+            container_resources=WORKER_RESOURCES[pool],
+            get_logs=True,
+            on_finish_action="delete_pod",
+            retries=5,
+            retry_delay=timedelta(seconds=30),
+            retry_exponential_backoff=True,
+            startup_timeout_seconds=900,
+        ).expand_kwargs(kwargs)
+
+    @task
+    def finish(info: dict) -> dict:
+        """Every chunk of both stages done; scratch removed; report written next to the output."""
+        from chunk_ops.job import Job
+        from chunkflow_airflow.hooks.chunk_queue import ChunkQueueHook
+        from chunk_ops.submit import finish_job
+
+        job = Job.from_spec_url(info["spec_url"])
+        report = finish_job(job, ChunkQueueHook(info["queue_url"], info["aws_conn_id"]).get_queue())
+        summary = report.to_dict()
+        summary["dead_letters"] = ChunkQueueHook(info["queue_url"], info["aws_conn_id"]).get_queue().counts().dead
+        return summary
+
+    info = prepare(validate())
+    previous = info
+    for stage in (1, 2):
+        enqueue = EnqueueChunksOperator(
+            task_id=f"enqueue_stage{stage}", spec_url=info["spec_url"], queue_url=info["queue_url"],
+            stage=stage, aws_conn_id=info["aws_conn_id"], max_receives=5,
+        )
+        previous >> enqueue
+        cloud_pools = ("gpu", "cpu") if stage == 1 else ("cpu",)  # merges need no GPU
+        sizes = {pool: size_pool.override(task_id=f"size_{pool}_pool_stage{stage}")(info, enqueue.output, stage, pool)
+                 for pool in ("local", *cloud_pools)}
+        local = local_worker.override(task_id=f"local_pool_stage{stage}").partial(info=info).expand(index=sizes["local"])
+        for pool in cloud_pools:
+            pod_pool(pool, stage, sizes[pool])
+        # Local workers leave when no task is visible; pods may still hold leases then,
+        # so the sensor waits for the done markers. "all_done": it judges by the markers
+        # even if a local worker task failed or the pool was empty (skipped).
+        done = StageDoneSensor(
+            task_id=f"stage{stage}_done", spec_url=info["spec_url"], queue_url=info["queue_url"], stage=stage,
+            aws_conn_id=info["aws_conn_id"], poke_interval=5, timeout=7 * 24 * 3600, trigger_rule="all_done",
+        )
+        local >> done
+        previous = done
+    previous >> finish(info)

@@ -1,0 +1,40 @@
+"""Worker pods for spot/preemptible node pools: one KubernetesPodOperator per worker.
+
+Node selectors and tolerations follow each cloud's conventions:
+- GKE: spot nodes carry ``cloud.google.com/gke-spot=true`` (and the matching taint
+  when the pool is tainted); GPU nodes are tainted ``nvidia.com/gpu``.
+- EKS: managed node groups label spot capacity ``eks.amazonaws.com/capacityType=SPOT``;
+  GPU nodes are tainted ``nvidia.com/gpu``.
+"""
+
+from __future__ import annotations
+
+SPOT = {
+    "gke": ({"cloud.google.com/gke-spot": "true"},
+            [{"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}]),
+    "eks": ({"eks.amazonaws.com/capacityType": "SPOT"},
+            [{"key": "eks.amazonaws.com/capacityType", "operator": "Equal", "value": "SPOT", "effect": "NoSchedule"}]),
+}
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def worker_arguments(queue_url: str, idle_exit_s: float) -> list[str]:
+    return ["worker", "--queue", queue_url, "--idle-exit", str(idle_exit_s)]
+
+
+def pod_kwargs(pool: str, stage: int, count: int, *, job_id: str, queue_url: str, cloud: str,
+               idle_exit_s: float, env: dict[str, str]) -> list[dict]:
+    """Per-pod arguments for ``KubernetesPodOperator.partial(...).expand_kwargs(...)``."""
+    selector, tolerations = SPOT[cloud]
+    tolerations = tolerations + ([GPU_TOLERATION] if pool == "gpu" else [])
+    return [
+        {
+            "name": f"chunk-ops-{pool}-s{stage}-{job_id[:8]}-{i}",
+            "arguments": worker_arguments(queue_url, idle_exit_s),
+            "env_vars": dict(env),
+            "node_selector": dict(selector),
+            "tolerations": [dict(t) for t in tolerations],
+            "labels": {"app": "chunk-ops-worker", "pool": pool, "job": job_id[:16], "stage": str(stage)},
+        }
+        for i in range(count)
+    ]
