@@ -143,7 +143,7 @@ with DAG(
     for stage in (1, 2):
         enqueue = EnqueueChunksOperator(
             task_id=f"enqueue_stage{stage}", spec_url=info["spec_url"], queue_url=info["queue_url"],
-            stage=stage, aws_conn_id=info["aws_conn_id"], max_receives=5,
+            stage=stage, aws_conn_id=info["aws_conn_id"], max_receives=info["max_receives"],
         )
         previous >> enqueue
         cloud_pools = ("gpu", "cpu") if stage == 1 else ("cpu",)  # merges need no GPU

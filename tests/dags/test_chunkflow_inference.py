@@ -73,3 +73,23 @@ def test_dag_test_end_to_end_with_the_embedded_queue(dagbag, make_spec):
     sent = {ti.task_id: ti.xcom_pull(task_ids=ti.task_id) for ti in again.get_task_instances()
             if ti.task_id.startswith("enqueue_stage")}
     assert sent == {"enqueue_stage1": 0, "enqueue_stage2": 0}  # a rerun skips every chunk
+
+
+def test_dag_test_end_to_end_with_sqs_through_an_airflow_connection(dagbag, make_spec, moto_sqs, monkeypatch):
+    """Only the connection's endpoint_url extra points at the SQS server (moto)."""
+    from chunk_ops.job import Job
+    from chunk_ops.stages import reference_pass
+    from chunk_ops.volume import Volume
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_SQS")
+    monkeypatch.setenv("AIRFLOW_CONN_CHUNKOPS_SQS", json.dumps({
+        "conn_type": "aws", "login": "testing", "password": "testing",
+        "extra": {"region_name": "us-east-1", "endpoint_url": moto_sqs},
+    }))
+    spec = make_spec(chunk=(16, 16, 4))
+    spec["queue"] = {"url": f"sqs://dag-{uuid.uuid4().hex[:10]}", "aws_conn_id": "chunkops_sqs"}
+    spec["workers"] = {"local": 1, "idle_exit_s": 2}
+    run = _run(dagbag.get_dag("chunkflow_inference"), spec)
+    assert run.state == "success"
+    job = Job.open(spec)
+    assert np.abs(Volume(spec["output"]["url"], 0).read(job.roi) - reference_pass(job)).max() <= 1e-5

@@ -16,7 +16,7 @@ class EnqueueChunksOperator(BaseOperator):
     Returns the number of tasks sent (0 for a rerun of a finished job).
     """
 
-    template_fields: Sequence[str] = ("spec_url", "queue_url", "stage", "aws_conn_id")
+    template_fields: Sequence[str] = ("spec_url", "queue_url", "stage", "aws_conn_id", "max_receives")
 
     def __init__(self, *, spec_url: str, queue_url: str, stage: int, aws_conn_id: str | None = "aws_default",
                  max_receives: int | None = None, **kwargs: Any):
@@ -29,7 +29,8 @@ class EnqueueChunksOperator(BaseOperator):
 
     @cached_property
     def hook(self) -> ChunkQueueHook:
-        return ChunkQueueHook(self.queue_url, self.aws_conn_id, self.max_receives)
+        max_receives = int(self.max_receives) if self.max_receives is not None else None
+        return ChunkQueueHook(self.queue_url, self.aws_conn_id, max_receives)
 
     def execute(self, context) -> int:
         from chunk_ops.job import Job
