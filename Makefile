@@ -17,9 +17,13 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/chunk-ops demo --workdir demo
+	$(VENV)/bin/python scripts/airflow_local.py demo --workdir demo
 
-test: $(STAMP)
+# Debian's Chromium drives the web-UI test (Playwright uses it; it downloads no browser).
+/usr/bin/chromium:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+test: $(STAMP) /usr/bin/chromium
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)

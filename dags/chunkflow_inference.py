@@ -22,8 +22,8 @@ from datetime import datetime, timedelta
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import DAG, task
-from chunkflow_airflow.operators.chunk_ops import EnqueueChunksOperator
-from chunkflow_airflow.sensors.chunk_ops import StageDoneSensor
+from chunkflow_airflow.operators.chunk_queue import EnqueueChunksOperator
+from chunkflow_airflow.sensors.chunk_queue import StageDoneSensor
 from chunkflow_airflow.utils.params import job_params
 from kubernetes.client import models as k8s
 
@@ -104,9 +104,15 @@ with DAG(
     @task(retries=2, retry_delay=timedelta(seconds=10))
     def local_worker(index: int, info: dict) -> dict:
         """A chunk_ops worker on this Airflow worker; exits when the queue stays empty."""
+        import os
+
+        import torch
+
         from chunk_ops.worker import Worker, WorkerConfig
         from chunkflow_airflow.hooks.chunk_queue import ChunkQueueHook
 
+        # the local pool's workers share this machine's cores instead of each taking all
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, info["workers"]["local"])))
         queue = ChunkQueueHook(info["queue_url"], info["aws_conn_id"]).get_queue()
         config = WorkerConfig(info["queue_url"], idle_exit_s=float(info["workers"]["idle_exit_s"]))
         summary = Worker(config, queue).run()

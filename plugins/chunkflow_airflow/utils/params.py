@@ -45,15 +45,19 @@ def job_params() -> dict[str, Param]:
         description = sub.pop("description", None)
         if name in required:
             default = EXAMPLE.get(name, default)
-        else:
-            sub["type"] = [sub["type"], "null"] if isinstance(sub.get("type"), str) else sub.get("type")
-            if sub["type"] is None:  # enum or $ref-only: allow null beside it
-                sub = {"anyOf": [sub, {"type": "null"}]}
+        elif sub.get("type") == "object":
+            # optional: null, or {} as the web form shows an empty object field, or the object
+            sub["type"] = ["object", "null"]
+            if "required" in sub:
+                sub["if"] = {"type": "object", "minProperties": 1}
+                sub["then"] = {"required": sub.pop("required")}
+        elif "type" in sub:
+            sub["type"] = [sub["type"], "null"]
         params[name] = Param(default, description=description, title=name, **sub)
     return params
 
 
 def spec_from_params(params: dict) -> dict:
-    """The job spec document: the schema's fields that were given (None means absent)."""
+    """The job spec document: the schema's fields that were given (None or {} means absent)."""
     names = job_spec_schema()["properties"]
-    return {k: v for k, v in params.items() if k in names and v is not None}
+    return {k: v for k, v in params.items() if k in names and v is not None and v != {}}

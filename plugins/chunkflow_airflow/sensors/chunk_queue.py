@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 from airflow.sdk import BaseSensorOperator, conf
 
-from chunkflow_airflow.triggers.chunk_ops import StageDoneTrigger, stage_progress
+from chunkflow_airflow.triggers.chunk_queue import StageDoneTrigger, stage_progress
 
 
 class StageDoneSensor(BaseSensorOperator):

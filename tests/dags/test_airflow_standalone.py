@@ -1,0 +1,87 @@
+"""A real `airflow standalone`, started here: REST triggering and the web UI's trigger form."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from scripts.airflow_local import DAG_ID, LocalAirflow
+from tests.conftest import free_port
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory):
+    local = LocalAirflow(tmp_path_factory.mktemp("airflow-home"), free_port())
+    try:
+        local.start()
+        local.wait_for_dag()
+        yield local
+    finally:
+        local.stop()
+
+
+def _runs(airflow) -> int:
+    status, body = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns")
+    assert status == 200
+    return body["total_entries"]
+
+
+def test_invalid_conf_gets_400_naming_the_field_and_no_run(airflow, make_spec):
+    spec = make_spec()
+    spec["chunk_size"] = [256, 256]
+    before = _runs(airflow)
+    status, body = airflow.trigger(spec)
+    assert status == 400, body
+    assert "chunk_size" in json.dumps(body) and "too short" in json.dumps(body)
+    assert _runs(airflow) == before
+
+
+def test_trigger_with_conf_poll_to_success_and_read_the_report(airflow, make_spec):
+    spec = make_spec()
+    spec["workers"] = {"local": 1, "idle_exit_s": 2}
+    status, run = airflow.trigger(spec)
+    assert status == 200, run
+    assert airflow.wait_for_run(run["dag_run_id"], timeout_s=600) == "success"
+    status, xcom = airflow.request(
+        "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances/finish/xcomEntries/return_value")
+    assert status == 200, xcom
+    summary = xcom["value"] if isinstance(xcom["value"], dict) else json.loads(xcom["value"])
+    assert summary["amplification"] == 1.0 and summary["dead_letters"] == 0
+    report = Path(spec["output"]["url"].removeprefix("file://")) / "jobs" / summary["job_id"] / "report.json"
+    assert json.loads(report.read_text())["patches_evaluated"] == summary["patches_evaluated"] > 0
+
+
+def test_web_ui_trigger_form_shows_the_job_fields(airflow):
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is installed by `make test`"
+    user, password = next(iter(json.loads(
+        (airflow.home / "simple_auth_manager_passwords.json.generated").read_text()).items()))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(f"{airflow.url}/auth/login?next=%2Fdags%2F{DAG_ID}", wait_until="networkidle")
+            fields = page.locator("input")
+            fields.nth(0).fill(user)
+            fields.nth(1).fill(password)
+            page.locator("button[type=submit]").click()
+            page.wait_for_url(f"**/dags/{DAG_ID}**", timeout=60_000)
+            page.get_by_role("button", name="Trigger").first.click()
+            page.get_by_text("Run Parameters").wait_for(timeout=30_000)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "trigger_form.png"), full_page=True)
+            text = page.inner_text("body")
+        finally:
+            browser.close()
+    for field in ("input", "output", "roi", "chunk_size", "model", "inference", "queue", "workers"):
+        assert field in text
+    assert "region of interest; the whole input volume when absent" in text  # the schema's description
