@@ -184,7 +184,7 @@ def parse_spec(document: dict[str, Any]) -> JobSpec:
 
 
 # Fields that do not change the output bytes, so they stay out of the job id.
-_NOT_IN_JOB_ID = {("inference", "device"), ("inference", "batch_size"), ("scratch_url",), ("queue",), ("workers",)}
+_NOT_IN_JOB_ID = {("inference", "device"), ("inference", "batch_size"), ("scratch_url",), ("queue",), ("workers",), ("postprocess",)}
 
 
 def job_id(spec: JobSpec, model_sha256: str, roi: Box) -> str:

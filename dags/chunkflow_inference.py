@@ -10,7 +10,9 @@ Runs one chunk_ops job: the trigger form's fields are the job spec
    CPU pods (spot/preemptible node pools) drain the queue side by side; a deferrable
    sensor waits for every chunk's done marker;
 4. **stage 2** (merge, no GPU): the same with local and CPU workers only;
-5. **verify** every chunk, remove the scratch, and **report**.
+5. **verify** every chunk, remove the scratch; build the downsampled **pyramid**;
+6. **report**: summary in the log and XCom; Markdown/HTML with a picture and a
+   Neuroglancer link next to the output.
 
 A worker that is preempted loses nothing: its lease expires and another worker redoes
 the chunk; a killed pod fails its task instance and Airflow's retry starts another.
@@ -144,6 +146,30 @@ with DAG(
         summary["dead_letters"] = ChunkQueueHook(info["queue_url"], info["aws_conn_id"]).get_queue().counts().dead
         return summary
 
+    @task
+    def pyramid(info: dict, params: dict | None = None) -> list[int]:
+        """Downsampled mips of the output (2x2x1 each), for browsing the result."""
+        from chunk_ops.downsample import build_pyramid
+        from chunk_ops.job import Job
+
+        levels = ((params or {}).get("postprocess") or {}).get("pyramid_levels", 2)
+        return build_pyramid(Job.from_spec_url(info["spec_url"]).spec.output_url, levels)
+
+    @task
+    def report(info: dict, summary: dict, mips: list[int]) -> dict:
+        """Summary in the log and XCom; report.md/.html/.png and a Neuroglancer link by the output."""
+        import json
+
+        from chunk_ops.job import Job
+        from chunk_ops.report import neuroglancer_link, write_report
+
+        job = Job.from_spec_url(info["spec_url"])
+        summary = {**summary, "pyramid_chunks": mips}
+        files = write_report(job, summary)
+        result = {**summary, "reports": files, "neuroglancer": neuroglancer_link(job)}
+        print(json.dumps(result, indent=2))
+        return result
+
     info = prepare(validate())
     previous = info
     for stage in (1, 2):
@@ -167,4 +193,7 @@ with DAG(
         )
         local >> done
         previous = done
-    previous >> finish(info)
+    summary = finish(info)
+    mips = pyramid(info)
+    previous >> summary >> mips  # the pyramid reads the finished output
+    report(info, summary, mips)

@@ -196,13 +196,13 @@ def demo(workdir: Path, port: int) -> int:
             last = states
 
     state = airflow.wait_for_run(run["dag_run_id"], progress=show)
-    _, xcom = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances/finish/xcomEntries/return_value")
+    _, xcom = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances/report/xcomEntries/return_value")
     print(f"4/4 run {state}", flush=True)
     if "value" in xcom:
         print(json.dumps(xcom["value"], indent=2) if not isinstance(xcom["value"], str) else xcom["value"])
     print(f"\nAirflow UI:   {airflow.url}  (user and password in {airflow.home / 'simple_auth_manager_passwords.json.generated'})")
     print(f"output layer: file://{workdir}/affinities")
-    print(f"reports:      {workdir}/affinities/jobs/*/report.json")
+    print(f"reports:      {workdir}/affinities/jobs/*/report.html (.md, .png, .json)")
     print(f"stop Airflow: kill -INT -- -$(cat {airflow.pid_file})")
     return 0 if state == "success" else 1
 
