@@ -27,10 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 DAG_ID = "chunkflow_inference"
 
 
-def airflow_env(home: Path, port: int) -> dict[str, str]:
+def airflow_env(home: Path, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment of a local Airflow whose DAGs and plugins are this checkout's."""
     venv_bin = str(Path(sys.executable).parent)
     return {
+        **(extra or {}),
         **os.environ,
         "PATH": f"{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",  # standalone starts its parts by name
         "AIRFLOW_HOME": str(home),
@@ -49,6 +50,7 @@ def airflow_env(home: Path, port: int) -> dict[str, str]:
 class LocalAirflow:
     home: Path
     port: int
+    extra_env: dict[str, str] | None = None
     process: subprocess.Popen | None = None
     token: str | None = None
 
@@ -65,7 +67,7 @@ class LocalAirflow:
         log = open(self.home / "standalone.log", "ab")
         self.process = subprocess.Popen(
             [str(Path(sys.executable).with_name("airflow")), "standalone"],
-            env=airflow_env(self.home, self.port), stdout=log, stderr=subprocess.STDOUT,
+            env=airflow_env(self.home, self.port, self.extra_env), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.pid_file.write_text(str(self.process.pid))
@@ -141,6 +143,12 @@ class LocalAirflow:
 
     def trigger(self, conf: dict, dag_id: str = DAG_ID) -> tuple[int, dict]:
         return self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
+
+    def runs(self, dag_id: str = DAG_ID) -> list[dict]:
+        status, body = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100")
+        if status != 200:
+            raise RuntimeError(f"listing runs of {dag_id}: HTTP {status} {body}")
+        return body["dag_runs"]
 
     def wait_for_run(self, run_id: str, dag_id: str = DAG_ID, timeout_s: float = 900, progress=None) -> str:
         deadline = time.time() + timeout_s

@@ -15,11 +15,19 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
-def airflow(tmp_path_factory):
-    local = LocalAirflow(tmp_path_factory.mktemp("airflow-home"), free_port())
+def reprocess_list(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("reprocess") / "jobs.json"
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory, reprocess_list):
+    local = LocalAirflow(tmp_path_factory.mktemp("airflow-home"), free_port(),
+                         extra_env={"AIRFLOW__CHUNKFLOW__REPROCESS_JOBS": str(reprocess_list),
+                                    "AIRFLOW__CHUNKFLOW__REPROCESS_SCHEDULE": "@weekly"})
     try:
         local.start()
         local.wait_for_dag()
+        local.wait_for_dag("chunkflow_reprocess")
         yield local
     finally:
         local.stop()
@@ -85,3 +93,27 @@ def test_web_ui_trigger_form_shows_the_job_fields(airflow):
     for field in ("input", "output", "roi", "chunk_size", "model", "inference", "queue", "workers"):
         assert field in text
     assert "region of interest; the whole input volume when absent" in text  # the schema's description
+
+
+def test_reprocessing_skips_unchanged_jobs_and_reruns_a_new_model(airflow, make_spec, reprocess_list, tmp_path):
+    from tests.chunk_ops.conftest import save_net
+
+    spec = make_spec(output="reprocessed")
+    spec["workers"] = {"local": 1, "idle_exit_s": 2}
+    reprocess_list.write_text(json.dumps([spec]))
+
+    def reprocess() -> int:
+        """Trigger the reprocessing DAG; return how many inference runs it started."""
+        before = len(airflow.runs())
+        status, run = airflow.trigger({}, dag_id="chunkflow_reprocess")
+        assert status == 200, run
+        assert airflow.wait_for_run(run["dag_run_id"], dag_id="chunkflow_reprocess", timeout_s=600) == "success"
+        return len(airflow.runs()) - before
+
+    assert reprocess() == 1  # a new job: run
+    assert reprocess() == 0  # unchanged and finished: ends at once
+    # a new model version: other weights in the same file, same spec text: a new job id, run again
+    weights = Path(spec["model"]["path"])
+    retrained = save_net(tmp_path, "TinyConvNet", dict(spec["model"]["kwargs"], seed=5))
+    weights.write_bytes(retrained.read_bytes())
+    assert reprocess() == 1
