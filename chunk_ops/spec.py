@@ -81,15 +81,26 @@ class JobSpec:
         return json.loads(self.document)
 
 
-def _fill_defaults(doc: dict, schema: dict) -> dict:
-    """Copy of ``doc`` with the schema's defaults filled in (objects only)."""
+def _fill_defaults(doc: dict, schema: dict, create_objects: bool = False) -> dict:
+    """Copy of ``doc`` with the schema's defaults filled in.
+
+    With ``create_objects``, absent sub-objects that need no field are made too, so
+    every default of a section shows.
+    """
     out = copy.deepcopy(doc)
     for name, sub in schema.get("properties", {}).items():
         if name not in out and "default" in sub:
             out[name] = copy.deepcopy(sub["default"])
+        if name not in out and create_objects and sub.get("type") == "object" and not sub.get("required"):
+            out[name] = {}
         if isinstance(out.get(name), dict) and sub.get("type") == "object":
-            out[name] = _fill_defaults(out[name], sub)
+            out[name] = _fill_defaults(out[name], sub, create_objects)
     return out
+
+
+def section_with_defaults(name: str, value: dict | None) -> dict:
+    """A top-level object of a job spec (e.g. ``workers``) with every default filled in."""
+    return _fill_defaults(value or {}, job_spec_schema()["properties"][name], create_objects=True)
 
 
 def _schema_error(error: jsonschema.ValidationError) -> SpecError:

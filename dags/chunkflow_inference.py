@@ -61,21 +61,20 @@ with DAG(
     def prepare(document: dict) -> dict:
         """Create the output layer (if new) and store the spec; nothing before this writes."""
         from chunk_ops.job import Job
+        from chunk_ops.spec import section_with_defaults
         from chunk_ops.submit import default_queue_url
 
         job = Job.open(document)
         job.prepare()
-        queue = document.get("queue") or {}
+        queue = section_with_defaults("queue", document.get("queue"))
         return {
             "job_id": job.id,
             "spec_url": job.spec_url,
             "queue_url": default_queue_url(job),
-            "aws_conn_id": queue.get("aws_conn_id", "aws_default"),
-            "max_receives": queue.get("max_receives", 5),
+            "aws_conn_id": queue["aws_conn_id"],
+            "max_receives": queue["max_receives"],
             "chunks": len(job.plan),
-            "workers": {"local": 1, "gpu": {"max": 0}, "cpu": {"max": 0}, "tasks_per_worker": 8,
-                        "image": "chunk-ops-worker:latest", "namespace": "default", "cloud": "gke",
-                        "idle_exit_s": 30, **(document.get("workers") or {})},
+            "workers": section_with_defaults("workers", document.get("workers")),
         }
 
     @task
@@ -100,7 +99,8 @@ with DAG(
         gpu = min(w["gpu"]["max"], wanted) if stage == 1 else 0
         count = gpu if pool == "gpu" else min(w["cpu"]["max"], max(0, wanted - gpu))
         pods = pod_kwargs(pool, stage, count, job_id=info["job_id"], queue_url=info["queue_url"],
-                          cloud=w["cloud"], idle_exit_s=w["idle_exit_s"], env=hook.worker_env())
+                          cloud=w["cloud"], idle_exit_s=w["idle_exit_s"], lease_s=w["lease_s"],
+                          env=hook.worker_env())
         return [{**kw, "image": w["image"], "namespace": w["namespace"]} for kw in pods]
 
     @task(retries=2, retry_delay=timedelta(seconds=10))
@@ -116,7 +116,8 @@ with DAG(
         # the local pool's workers share this machine's cores instead of each taking all
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, info["workers"]["local"])))
         queue = ChunkQueueHook(info["queue_url"], info["aws_conn_id"]).get_queue()
-        config = WorkerConfig(info["queue_url"], idle_exit_s=float(info["workers"]["idle_exit_s"]))
+        config = WorkerConfig(info["queue_url"], idle_exit_s=float(info["workers"]["idle_exit_s"]),
+                              visibility_timeout_s=float(info["workers"]["lease_s"]))
         summary = Worker(config, queue).run()
         return {"index": index, "done": summary.done, "skipped": summary.skipped, "failed": summary.failed}
 
@@ -151,8 +152,9 @@ with DAG(
         """Downsampled mips of the output (2x2x1 each), for browsing the result."""
         from chunk_ops.downsample import build_pyramid
         from chunk_ops.job import Job
+        from chunk_ops.spec import section_with_defaults
 
-        levels = ((params or {}).get("postprocess") or {}).get("pyramid_levels", 2)
+        levels = section_with_defaults("postprocess", (params or {}).get("postprocess"))["pyramid_levels"]
         return build_pyramid(Job.from_spec_url(info["spec_url"]).spec.output_url, levels)
 
     @task

@@ -117,3 +117,46 @@ def test_reprocessing_skips_unchanged_jobs_and_reruns_a_new_model(airflow, make_
     retrained = save_net(tmp_path, "TinyConvNet", dict(spec["model"]["kwargs"], seed=5))
     weights.write_bytes(retrained.read_bytes())
     assert reprocess() == 1
+
+
+def _task_processes(airflow, run_id: str, task_id: str, map_index: int = 0) -> list:
+    """The process running a task instance: Airflow titles it 'airflow worker -- <ti id>'."""
+    import psutil
+
+    status, ti = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/{map_index}")
+    if status != 200 or ti.get("state") != "running":
+        return []
+    title = f"airflow worker -- {ti['id']}"
+    return [p for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or []).startswith(title)]
+
+
+def test_a_killed_pool_task_is_retried_and_the_run_ends_correct(airflow, make_spec):
+    """Preemption: the local pool's task process is SIGKILLed mid-run; Airflow retries the
+    task, the dead worker's lease expires, and the chunk is redone."""
+    import time
+
+    import numpy as np
+
+    from chunk_ops.job import Job
+    from chunk_ops.stages import reference_pass
+    from chunk_ops.volume import Volume
+
+    spec = make_spec(net_kwargs={"in_channels": 1, "out_channels": 1, "delay_s": 0.4}, chunk=(16, 16, 4),
+                     output="preempted")
+    spec["workers"] = {"local": 1, "idle_exit_s": 3, "lease_s": 4}
+    status, run = airflow.trigger(spec)
+    assert status == 200, run
+    job = Job.open(spec)
+    deadline = time.time() + 300
+    while not (job.done_mask(1).any() and _task_processes(airflow, run["dag_run_id"], "local_pool_stage1")):
+        assert time.time() < deadline, "the local pool never started working"
+        time.sleep(0.5)
+    victims = _task_processes(airflow, run["dag_run_id"], "local_pool_stage1")
+    assert len(victims) == 1
+    victims[0].kill()
+    assert airflow.wait_for_run(run["dag_run_id"], timeout_s=600) == "success"
+    status, ti = airflow.request(
+        "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances/local_pool_stage1/0")
+    assert status == 200 and ti["try_number"] >= 2, ti
+    out = Volume(spec["output"]["url"], 0).read(job.roi)
+    assert np.abs(out - reference_pass(job)).max() <= 1e-5

@@ -26,7 +26,8 @@ def _pods(dag, stage: int, pool: str, queue_url: str, env: dict, count: int = 2)
     partial = {k: v for k, v in mapped.partial_kwargs.items() if k not in ("task_id", "dag")}
     pods = []
     for i, kw in enumerate(pod_kwargs(pool, stage, count, job_id="0123456789abcdef", queue_url=queue_url,
-                                      cloud="gke" if pool == "gpu" else "eks", idle_exit_s=30, env=env)):
+                                      cloud="gke" if pool == "gpu" else "eks", idle_exit_s=30, lease_s=60,
+                                      env=env)):
         op = KubernetesPodOperator(task_id=f"render_{pool}_{i}", image="chunk-ops-worker:1.0",
                                    namespace="connectomics", **partial, **kw)
         pods.append(op.build_pod_request_obj(dry_run=True))
@@ -80,7 +81,8 @@ def test_a_pods_command_and_env_process_tasks_from_sqs(dagbag, make_spec, moto_s
     container = manifest["spec"]["containers"][0]
     pod_env = {e["name"]: e["value"] for e in container["env"]}
     assert pod_env == env
-    args = [a if a != "30" else "2" for a in container["args"]]  # a short idle exit for the test
+    args = container["args"]
+    args[args.index("--idle-exit") + 1] = "2"  # a short idle exit for the test
     command = [str(Path(sys.executable).with_name(container["command"][0])), *args]
     secrets = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # a pod's service account
     result = subprocess.run(command, env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), **pod_env, **secrets},

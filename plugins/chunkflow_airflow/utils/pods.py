@@ -18,19 +18,19 @@ SPOT = {
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
-def worker_arguments(queue_url: str, idle_exit_s: float) -> list[str]:
-    return ["worker", "--queue", queue_url, "--idle-exit", str(idle_exit_s)]
+def worker_arguments(queue_url: str, idle_exit_s: float, lease_s: float) -> list[str]:
+    return ["worker", "--queue", queue_url, "--idle-exit", str(idle_exit_s), "--visibility-timeout", str(lease_s)]
 
 
 def pod_kwargs(pool: str, stage: int, count: int, *, job_id: str, queue_url: str, cloud: str,
-               idle_exit_s: float, env: dict[str, str]) -> list[dict]:
+               idle_exit_s: float, lease_s: float, env: dict[str, str]) -> list[dict]:
     """Per-pod arguments for ``KubernetesPodOperator.partial(...).expand_kwargs(...)``."""
     selector, tolerations = SPOT[cloud]
     tolerations = tolerations + ([GPU_TOLERATION] if pool == "gpu" else [])
     return [
         {
             "name": f"chunk-ops-{pool}-s{stage}-{job_id[:8]}-{i}",
-            "arguments": worker_arguments(queue_url, idle_exit_s),
+            "arguments": worker_arguments(queue_url, idle_exit_s, lease_s),
             "env_vars": dict(env),
             "node_selector": dict(selector),
             "tolerations": [dict(t) for t in tolerations],
