@@ -126,8 +126,10 @@ def submit(job: dict, queue_url: str | None, stage: str, max_receives: int) -> N
 @click.option("--grace", type=float, default=25.0, show_default=True,
               help="after SIGTERM, seconds to finish the current task before giving it back")
 @click.option("--max-tasks", type=click.IntRange(min=1), default=None, help="exit after this many tasks")
+@click.option("--pool", envvar="CHUNK_OPS_POOL", default="default", show_default=True,
+              help="pool name recorded with each task (env CHUNK_OPS_POOL)")
 def worker(queue_url: str, visibility_timeout: float, idle_exit: float, grace: float,
-           max_tasks: int | None) -> None:
+           max_tasks: int | None, pool: str) -> None:
     """Lease tasks from the queue and do them until it stays empty."""
     import logging
 
@@ -136,7 +138,7 @@ def worker(queue_url: str, visibility_timeout: float, idle_exit: float, grace: f
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         w = Worker(WorkerConfig(queue_url, visibility_timeout_s=visibility_timeout, idle_exit_s=idle_exit,
-                                grace_s=grace, max_tasks=max_tasks))
+                                grace_s=grace, max_tasks=max_tasks, pool=pool))
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     w.install_signal_handlers()

@@ -24,7 +24,7 @@ def worker_command(queue_url: str, *, idle_exit_s: float = 3.0, visibility_timeo
     return [
         sys.executable, "-m", "chunk_ops.cli", "worker", "--queue", queue_url,
         "--idle-exit", str(idle_exit_s), "--visibility-timeout", str(visibility_timeout_s),
-        "--grace", str(grace_s), *extra,
+        "--grace", str(grace_s), "--pool", "local", *extra,
     ]
 
 

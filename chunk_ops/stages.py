@@ -167,6 +167,7 @@ class RunReport:
     patches_in_grid: int
     wall_s: float
     redeliveries: int = 0
+    per_pool: dict = field(default_factory=dict)  # pool -> tasks, voxels, seconds
     stage1: ChunkStats = field(default_factory=ChunkStats)
     stage2: ChunkStats = field(default_factory=ChunkStats)
 

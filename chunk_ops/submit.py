@@ -123,6 +123,10 @@ def report_from_markers(job: Job, wall_s: float | None = None) -> RunReport:
             total.add(ChunkStats(**{k: record[k] for k in ChunkStats.__dataclass_fields__}))
             report.redeliveries += record["receive_count"] - 1
             first, last = min(first, record["started_at"]), max(last, record["finished_at"])
+            pool = report.per_pool.setdefault(record.get("pool", "default"), {"tasks": 0, "voxels": 0, "seconds": 0.0})
+            pool["tasks"] += 1
+            pool["voxels"] += record["voxels"]
+            pool["seconds"] = round(pool["seconds"] + record["finished_at"] - record["started_at"], 3)
     report.patches_evaluated = report.stage1.patches
     report.wall_s = wall_s if wall_s is not None else max(0.0, last - first)
     return report

@@ -43,6 +43,8 @@ class WorkerConfig:
     retries: int = 3
     backoff_s: float = 1.0
     max_tasks: int | None = None
+    # which pool this worker belongs to (local, gpu, cpu...), recorded with each task for the report
+    pool: str = field(default_factory=lambda: os.environ.get("CHUNK_OPS_POOL", "default"))
 
 
 @dataclass
@@ -185,7 +187,7 @@ class Worker:
             self._give_back(lease, delay_s=self.config.backoff_s * 2 ** self.config.retries)
             return
         job.mark_done(task.stage, task.box, {
-            **stats.to_dict(), "worker": WORKER_NAME, "receive_count": lease.receive_count,
+            **stats.to_dict(), "worker": WORKER_NAME, "pool": self.config.pool, "receive_count": lease.receive_count,
             "started_at": started, "finished_at": time.time(),
         })
         self._delete(lease)

@@ -117,7 +117,7 @@ with DAG(
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, info["workers"]["local"])))
         queue = ChunkQueueHook(info["queue_url"], info["aws_conn_id"]).get_queue()
         config = WorkerConfig(info["queue_url"], idle_exit_s=float(info["workers"]["idle_exit_s"]),
-                              visibility_timeout_s=float(info["workers"]["lease_s"]))
+                              visibility_timeout_s=float(info["workers"]["lease_s"]), pool="local")
         summary = Worker(config, queue).run()
         return {"index": index, "done": summary.done, "skipped": summary.skipped, "failed": summary.failed}
 

@@ -81,17 +81,18 @@ class LocalAirflow:
         self.login()
 
     def stop(self) -> None:
-        """SIGINT, as Airflow asks, to the whole process group; then wait."""
+        """SIGINT, as Airflow asks, to the whole process group; SIGTERM, then SIGKILL if it lingers."""
         if self.process is None:
             return
-        try:
-            os.killpg(self.process.pid, signal.SIGINT)
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(30)
-        except ProcessLookupError:
-            pass
+        for sig, wait_s in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, sig)
+                self.process.wait(wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+            except ProcessLookupError:
+                return
 
     def _healthy(self) -> bool:
         try:

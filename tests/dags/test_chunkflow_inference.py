@@ -67,6 +67,7 @@ def test_dag_test_end_to_end_with_the_embedded_queue(dagbag, make_spec):
     assert np.abs(out - reference_pass(job)).max() <= 1e-5
     report = json.loads((Path(spec["output"]["url"].removeprefix("file://")) / "jobs" / job.id / "report.json").read_text())
     assert report["amplification"] == 1.0 and report["patches_evaluated"] == len(job.grid)
+    assert report["per_pool"]["local"]["tasks"] == 2 * len(job.plan)  # both stages, all by the local pool
     job_dir = Path(spec["output"]["url"].removeprefix("file://")) / "jobs" / job.id
     assert "open in Neuroglancer" in (job_dir / "report.md").read_text()
     assert (job_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

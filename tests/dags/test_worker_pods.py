@@ -80,7 +80,7 @@ def test_a_pods_command_and_env_process_tasks_from_sqs(dagbag, make_spec, moto_s
     manifest = _manifest(_pods(dagbag.get_dag("chunkflow_inference"), 1, "cpu", queue.url, env, count=1)[0])
     container = manifest["spec"]["containers"][0]
     pod_env = {e["name"]: e["value"] for e in container["env"]}
-    assert pod_env == env
+    assert pod_env == {**env, "CHUNK_OPS_POOL": "cpu"}
     args = container["args"]
     args[args.index("--idle-exit") + 1] = "2"  # a short idle exit for the test
     command = [str(Path(sys.executable).with_name(container["command"][0])), *args]
@@ -90,3 +90,4 @@ def test_a_pods_command_and_env_process_tasks_from_sqs(dagbag, make_spec, moto_s
     assert result.returncode == 0, result.stderr[-3000:]
     assert job.done_mask(1).all()
     assert queue.counts().pending == 0
+    assert {r["pool"] for r in job.done_records(1)} == {"cpu"}

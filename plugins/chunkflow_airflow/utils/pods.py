@@ -31,7 +31,7 @@ def pod_kwargs(pool: str, stage: int, count: int, *, job_id: str, queue_url: str
         {
             "name": f"chunk-ops-{pool}-s{stage}-{job_id[:8]}-{i}",
             "arguments": worker_arguments(queue_url, idle_exit_s, lease_s),
-            "env_vars": dict(env),
+            "env_vars": {**env, "CHUNK_OPS_POOL": pool},
             "node_selector": dict(selector),
             "tolerations": [dict(t) for t in tolerations],
             "labels": {"app": "chunk-ops-worker", "pool": pool, "job": job_id[:16], "stage": str(stage)},
