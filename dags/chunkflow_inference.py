@@ -138,13 +138,12 @@ with DAG(
     def finish(info: dict) -> dict:
         """Every chunk of both stages done; scratch removed; report written next to the output."""
         from chunk_ops.job import Job
-        from chunkflow_airflow.hooks.chunk_queue import ChunkQueueHook
         from chunk_ops.submit import finish_job
+        from chunkflow_airflow.hooks.chunk_queue import ChunkQueueHook
 
-        job = Job.from_spec_url(info["spec_url"])
-        report = finish_job(job, ChunkQueueHook(info["queue_url"], info["aws_conn_id"]).get_queue())
-        summary = report.to_dict()
-        summary["dead_letters"] = ChunkQueueHook(info["queue_url"], info["aws_conn_id"]).get_queue().counts().dead
+        queue = ChunkQueueHook(info["queue_url"], info["aws_conn_id"]).get_queue()
+        summary = finish_job(Job.from_spec_url(info["spec_url"]), queue).to_dict()
+        summary["dead_letters"] = queue.counts().dead
         return summary
 
     @task
