@@ -7,6 +7,7 @@ stores the spec.  What a job keeps next to its output::
 
     <output>/info                      the output layer (precomputed)
     <output>/jobs/<job id>/spec.json   the validated spec; tasks refer to it
+    <output>/jobs/<job id>/model.sha256  the model's hash (part of the job id)
     <output>/jobs/<job id>/scratch/    stage-1 partial sums, removed after the merge
     <output>/jobs/<job id>/done/stage<n>/<chunk id>.json
                                        done markers, with the task's timings
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -29,7 +30,8 @@ from cloudfiles import CloudFiles
 from .blend import BlendMode, PatchGrid
 from .engines import ModelError, Predictor
 from .geometry import Box, ChunkPlan, Vec3
-from .models.loading import load_predictor, model_sha256, read_model_bytes
+from .models.loading import load_predictor, read_model_bytes
+from .models.loading import model_sha256 as sha256_of
 from .spec import JobSpec, SpecError, job_id, parse_spec
 from .volume import Volume, VolumeError
 
@@ -46,11 +48,14 @@ class Job:
     plan: ChunkPlan
     grid: PatchGrid
     input: Volume
-    model_bytes: bytes
+    model_sha256: str
+    _model_bytes: bytes | None = field(default=None, repr=False)
 
     # --- opening: every check that writes nothing ---------------------------------
     @classmethod
-    def open(cls, spec: JobSpec | dict) -> "Job":
+    def open(cls, spec: JobSpec | dict, *, model_sha256: str | None = None) -> "Job":
+        """Resolve and check a job.  ``model_sha256``, when known (a stored job), spares
+        reading the model until the network is needed; it is verified then."""
         if isinstance(spec, dict):
             spec = parse_spec(spec)
         source = Volume(spec.input_url, spec.input_mip, fill_value=spec.fill_value)
@@ -72,25 +77,31 @@ class Job:
         origin = roi.start
         if Volume.exists(spec.output_url):
             origin = _check_existing_output(spec, roi).bounds.start
-        model_bytes = read_model_bytes(spec.model.path)
+        model_bytes = None
+        if model_sha256 is None:
+            model_bytes = read_model_bytes(spec.model.path)
+            model_sha256 = sha256_of(model_bytes)
         return cls(
             spec=spec,
-            id=job_id(spec, model_sha256(model_bytes), roi),
+            id=job_id(spec, model_sha256, roi),
             roi=roi,
             plan=ChunkPlan(roi, spec.chunk_size, origin),
             grid=grid,
             input=source,
-            model_bytes=model_bytes,
+            model_sha256=model_sha256,
+            _model_bytes=model_bytes,
         )
 
     @classmethod
     def from_spec_url(cls, spec_url: str) -> "Job":
         """Open the job whose spec was stored by :meth:`prepare`."""
         base, name = spec_url.rsplit("/", 1)
-        document = CloudFiles(base).get_json(name)
+        files = CloudFiles(base)
+        document = files.get_json(name)
         if document is None:
             raise SpecError(f"no job spec at {spec_url}")
-        return cls.open(document)
+        recorded = files.get("model.sha256")
+        return cls.open(document, model_sha256=recorded.decode() if recorded else None)
 
     @property
     def job_url(self) -> str:
@@ -103,6 +114,21 @@ class Job:
     @property
     def scratch_url(self) -> str:
         return self.spec.scratch_url or f"{self.job_url}/scratch"
+
+    @property
+    def model_bytes(self) -> bytes:
+        """The model file, checked against the hash in the job id: a model changed in
+        place after the job was prepared would mix two networks in one output."""
+        if self._model_bytes is None:
+            data = read_model_bytes(self.spec.model.path)
+            if sha256_of(data) != self.model_sha256:
+                raise ModelError(
+                    f"model file {self.spec.model.path!r} changed since job {self.id} was prepared "
+                    f"(sha256 {sha256_of(data)[:12]}..., expected {self.model_sha256[:12]}...); "
+                    f"a new model is a new job: submit it again"
+                )
+            self._model_bytes = data
+        return self._model_bytes
 
     @cached_property
     def predictor(self) -> Predictor:
@@ -130,7 +156,9 @@ class Job:
                 dtype=self.spec.output_dtype, num_channels=self.spec.model.out_channels,
                 resolution=self.input.resolution,
             )
-        CloudFiles(self.job_url).put_json("spec.json", self.spec.to_dict())
+        files = CloudFiles(self.job_url)
+        files.put_json("spec.json", self.spec.to_dict())
+        files.put("model.sha256", self.model_sha256.encode(), compress=None)
 
     # --- stage-1 geometry ------------------------------------------------------------
     def partial_box(self, chunk: Box) -> Box | None:

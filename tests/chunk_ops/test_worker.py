@@ -179,3 +179,18 @@ def test_chaos_kills_lose_nothing(make_spec, tmp_path):
     assert kills >= 5
     assert queue.counts().dead == 0
     assert np.abs(_read(job) - reference_pass(job)).max() <= 1e-5
+
+
+def test_a_model_changed_in_place_is_refused_by_a_running_job(make_spec, tmp_path):
+    """Workers open the stored job by its recorded model hash and check the bytes they load."""
+    from tests.chunk_ops.conftest import save_net
+
+    spec = make_spec()
+    job = Job.open(spec)
+    job.prepare()
+    other = save_net(tmp_path, "TinyConvNet", dict(spec["model"]["kwargs"], seed=9))
+    Path(spec["model"]["path"]).write_bytes(other.read_bytes())
+    stored = Job.from_spec_url(job.spec_url)
+    assert stored.id == job.id  # the plan, done markers, status: no model read needed
+    with pytest.raises(ValueError, match=r"changed since job .* was prepared"):
+        stored.predictor
