@@ -194,3 +194,24 @@ def test_a_model_changed_in_place_is_refused_by_a_running_job(make_spec, tmp_pat
     assert stored.id == job.id  # the plan, done markers, status: no model read needed
     with pytest.raises(ValueError, match=r"changed since job .* was prepared"):
         stored.predictor
+
+
+def test_transient_errors_retry_with_backoff_then_come_back_later(make_spec, tmp_path):
+    """A merge that runs before its stage-1 inputs exist is not ready: retried in place with
+    backoff, then put back with a delay (not dead-lettered); once stage 1 is done it succeeds."""
+    job = Job.open(make_spec(chunk=(48, 48, 16)))  # one chunk
+    job.prepare()
+    queue = _queue("embedded", tmp_path, max_receives=5)
+    enqueue_stage(job, queue, 2)
+    config = WorkerConfig(queue.url, idle_exit_s=0.2, retries=2, backoff_s=0.1, max_tasks=1)
+    started = time.time()
+    summary = Worker(config, queue).run()
+    assert summary.failed == 1 and summary.done == 0
+    assert time.time() - started >= 0.1 + 0.2  # two backoffs before giving up in place
+    counts = queue.counts()
+    assert (counts.visible, counts.in_flight, counts.dead) == (0, 1, 0)  # back after a delay, not dead
+
+    enqueue_stage(job, queue, 1)
+    Worker(WorkerConfig(queue.url, idle_exit_s=2.0), queue).run()  # stage 1, then the delayed merge
+    assert job.done_mask(1).all() and job.done_mask(2).all()
+    assert [r["receive_count"] for r in job.done_records(2)] == [2]
