@@ -1,6 +1,7 @@
 """The embedded default, end to end: `airflow standalone` on this machine, a job through the REST API.
 
     python scripts/airflow_local.py demo [--workdir demo] [--port 8080]
+    python scripts/airflow_local.py stop [--workdir demo]
 
 makes the sample volume, the demo network and a job spec, starts ``airflow standalone``
 in the background (SQLite, LocalExecutor, embedded queue, local worker pool), triggers
@@ -81,18 +82,10 @@ class LocalAirflow:
         self.login()
 
     def stop(self) -> None:
-        """SIGINT, as Airflow asks, to the whole process group; SIGTERM, then SIGKILL if it lingers."""
-        if self.process is None:
-            return
-        for sig, wait_s in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.process.pid, sig)
-                self.process.wait(wait_s)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-            except ProcessLookupError:
-                return
+        if self.process is not None:
+            stop_group(self.process.pid)
+            self.process.wait(10)
+
 
     def _healthy(self) -> bool:
         try:
@@ -173,6 +166,23 @@ class LocalAirflow:
         return states
 
 
+def stop_group(pid: int) -> None:
+    """SIGINT, as Airflow asks, to standalone's whole process group; then SIGTERM and
+    SIGKILL for what lingers (the scheduler's executor workers ignore SIGINT)."""
+    for sig, wait_s in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            try:
+                os.killpg(pid, 0)  # anyone left in the group?
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
+
+
 def demo(workdir: Path, port: int) -> int:
     from chunk_ops.geometry import Vec3
     from chunk_ops.models.demo import write_demo_model
@@ -212,7 +222,7 @@ def demo(workdir: Path, port: int) -> int:
     print(f"\nAirflow UI:   {airflow.url}  (user and password in {airflow.home / 'simple_auth_manager_passwords.json.generated'})")
     print(f"output layer: file://{workdir}/affinities")
     print(f"reports:      {workdir}/affinities/jobs/*/report.html (.md, .png, .json)")
-    print(f"stop Airflow: kill -INT -- -$(cat {airflow.pid_file})")
+    print(f"stop Airflow: {Path(sys.executable).parent}/python scripts/airflow_local.py stop --workdir {workdir}")
     return 0 if state == "success" else 1
 
 
@@ -222,7 +232,17 @@ def main() -> int:
     d = sub.add_parser("demo", help="sample job through airflow standalone")
     d.add_argument("--workdir", type=Path, default=REPO / "demo")
     d.add_argument("--port", type=int, default=8080)
+    s = sub.add_parser("stop", help="stop the airflow standalone that demo started")
+    s.add_argument("--workdir", type=Path, default=REPO / "demo")
     args = parser.parse_args()
+    if args.command == "stop":
+        pid_file = args.workdir.resolve() / "airflow" / "standalone.pid"
+        if not pid_file.exists():
+            print(f"no {pid_file}: nothing to stop", file=sys.stderr)
+            return 1
+        stop_group(int(pid_file.read_text()))
+        pid_file.unlink()
+        return 0
     return demo(args.workdir, args.port)
 
 
