@@ -11,10 +11,8 @@ import sys
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tests.dags.conftest import REPO
 
 
 def _pods(dag, stage: int, pool: str, queue_url: str, env: dict, count: int = 2):
