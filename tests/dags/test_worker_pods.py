@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 
-
 def _pods(dag, stage: int, pool: str, queue_url: str, env: dict, count: int = 2):
     """KubernetesPodOperators built from the DAG's own partial and the sizing code's kwargs."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
