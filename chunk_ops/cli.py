@@ -57,6 +57,10 @@ def _summary(job) -> dict:
     }
 
 
+job_queue_option = click.option(
+    "--queue", "queue_url", help="queue URL (default: the job's queue, else an embedded one beside the output)")
+
+
 @click.group()
 @click.version_option(package_name="chunk-ops")
 def main() -> None:
@@ -79,7 +83,7 @@ def validate(job: dict) -> None:
 @click.argument("job", type=JobFile())
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="worker processes on a queue; 0 runs everything in this process")
-@click.option("--queue", "queue_url", help="queue URL (default: an embedded queue beside the output)")
+@job_queue_option
 def run(job: dict, workers: int, queue_url: str | None) -> None:
     """Run JOB on this machine: stage 1 for every chunk, then the merge."""
     from .local_pool import run_with_workers
@@ -96,7 +100,7 @@ def run(job: dict, workers: int, queue_url: str | None) -> None:
 
 @main.command()
 @click.argument("job", type=JobFile())
-@click.option("--queue", "queue_url", help="queue URL (default: an embedded queue beside the output)")
+@job_queue_option
 @click.option("--stage", type=click.Choice(["1", "2"]), default="1", show_default=True)
 @click.option("--max-receives", type=click.IntRange(min=1), default=5, show_default=True,
               help="receives before a task goes to the dead-letter queue (new queues)")
@@ -147,7 +151,7 @@ def worker(queue_url: str, visibility_timeout: float, idle_exit: float, grace: f
 
 @main.command()
 @click.argument("job", type=JobFile())
-@click.option("--queue", "queue_url", help="queue URL (default: an embedded queue beside the output)")
+@job_queue_option
 def status(job: dict, queue_url: str | None) -> None:
     """Visible, in-flight and dead-lettered tasks, done of total, throughput, ETA."""
     from .queues import open_queue
@@ -163,7 +167,7 @@ def status(job: dict, queue_url: str | None) -> None:
 
 @main.command()
 @click.argument("job", type=JobFile())
-@click.option("--queue", "queue_url", help="queue URL (default: an embedded queue beside the output)")
+@job_queue_option
 def finish(job: dict, queue_url: str | None) -> None:
     """After stage 2: check every chunk is done, remove the scratch, write the report."""
     from .queues import open_queue
