@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._report import write_section  # noqa: E402
 from chunk_ops.geometry import Box, Vec3
 from chunk_ops.job import Job
-from chunk_ops.models.demo import write_demo_model
+from chunk_ops.models.demo import write_demo_job
 from chunk_ops.sample import write_sample
 from chunk_ops.stages import ChunkStats, normalize_input, run_stage1, run_stage2
 
@@ -118,7 +118,7 @@ def run(shape: tuple[int, int, int], chunk: tuple[int, int, int]) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="chunk_ops_bench_"))
     try:
         write_sample(f"file://{tmp}/image", shape, seed=1)
-        spec = write_demo_model(tmp, f"file://{tmp}/image", f"file://{tmp}/output")
+        spec = write_demo_job(tmp, f"file://{tmp}/image", f"file://{tmp}/output")
         spec["chunk_size"] = list(chunk)
         job = Job.open(spec)
         job.prepare()

@@ -6,8 +6,11 @@
     chunk-ops worker --queue URL     lease and do tasks until the queue stays empty
     chunk-ops status JOB.json --queue URL  done of total, queue depths, throughput, ETA
     chunk-ops finish JOB.json --queue URL  after the merge: verify, remove scratch, report
-    chunk-ops sample URL --shape X Y Z   write an EM-like sample image layer
+    chunk-ops sample URL --shape X Y Z [--labels URL]  synthetic EM (and its ground truth)
+    chunk-ops evaluate SEG_URL TRUTH_URL   adapted Rand error of a segmentation
+    chunk-ops export-onnx JOB.json OUT.onnx   the job's PyTorch model as ONNX
     chunk-ops demo --workdir DIR     sample volume + demo model + job, then run it
+    chunk-ops train OUT.pt           train the bundled RSUNet on synthetic EM (or given layers)
 """
 
 from __future__ import annotations
@@ -186,12 +189,32 @@ def finish(job: dict, queue_url: str | None) -> None:
 @click.option("--shape", nargs=3, type=int, required=True, help="x y z voxels")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--block-size", nargs=3, type=int, default=(64, 64, 8), show_default=True)
-def sample(url: str, shape, seed: int, block_size) -> None:
-    """Write an EM-like uint8 sample image layer to URL (e.g. file:///tmp/em)."""
+@click.option("--labels", "labels_url", default=None, help="also write the ground-truth segmentation layer here")
+def sample(url: str, shape, seed: int, block_size, labels_url: str | None) -> None:
+    """Write a synthetic serial-section EM image layer to URL (e.g. file:///tmp/em)."""
     from .sample import write_sample
 
-    vol = write_sample(url, Vec3.of(shape), seed=seed, block_size=block_size)
-    click.echo(f"wrote {url}: bounds {vol.bounds.to_dict()}, resolution {vol.resolution} nm")
+    vol = write_sample(url, Vec3.of(shape), seed=seed, block_size=block_size, labels_url=labels_url)
+    click.echo(f"wrote {url}: bounds {vol.bounds.to_dict()}, resolution {vol.resolution} nm"
+               + (f"; ground truth {labels_url}" if labels_url else ""))
+
+
+@main.command()
+@click.argument("segmentation")
+@click.argument("truth")
+def evaluate(segmentation: str, truth: str) -> None:
+    """Adapted Rand error of a SEGMENTATION layer against a TRUTH layer (label 0 ignored)."""
+    from .segment import adapted_rand_error
+    from .volume import Volume, VolumeError
+
+    try:
+        seg, gt = Volume(segmentation, 0), Volume(truth, 0)
+        if seg.bounds != gt.bounds:
+            raise click.ClickException(f"{segmentation} bounds {seg.bounds} differ from {truth} bounds {gt.bounds}")
+        error = adapted_rand_error(gt.read(gt.bounds)[0], seg.read(seg.bounds)[0])
+    except VolumeError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps({"adapted_rand_error": round(error, 4), "voxels": seg.bounds.size}))
 
 
 @main.command()
@@ -201,15 +224,16 @@ def sample(url: str, shape, seed: int, block_size) -> None:
               help="sample volume size, x y z")
 def demo(workdir: Path, shape) -> None:
     """Make a sample volume and the demo network, write a job spec, run it."""
-    from .models.demo import write_demo_model
+    from .models.demo import write_demo_job
     from .sample import write_sample
     from .stages import run_local
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     image_url = f"file://{workdir}/image"
-    write_sample(image_url, Vec3.of(shape), seed=1)
-    job_doc = write_demo_model(workdir, image_url, f"file://{workdir}/affinities")
+    truth_url = f"file://{workdir}/truth"
+    write_sample(image_url, Vec3.of(shape), seed=1, labels_url=truth_url)
+    job_doc = write_demo_job(workdir, image_url, f"file://{workdir}/affinities", truth_url)
     job_path = workdir / "job.json"
     job_path.write_text(json.dumps(job_doc, indent=2) + "\n")
     click.echo(f"job spec: {job_path}", err=True)
@@ -218,6 +242,88 @@ def demo(workdir: Path, shape) -> None:
     report = run_local(opened)
     click.echo(json.dumps(report.to_dict(), indent=2))
     click.echo(f"output layer: {opened.spec.output_url}\nreport: {opened.job_url}/report.json", err=True)
+
+
+@main.command("export-onnx")
+@click.argument("job_doc", metavar="JOB.json", type=JobFile())
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+def export_onnx_command(job_doc: dict, out: Path) -> None:
+    """Write the job's PyTorch model as ONNX (batch dynamic, the job's patch fixed)."""
+    from .engines import ModelError
+    from .models.export import export_onnx
+    from .models.loading import read_model_bytes, torch_module
+    from .spec import SpecError, parse_spec
+
+    try:
+        spec = parse_spec(job_doc)
+        if spec.model.format == "onnx":
+            raise SpecError(f"model {spec.model.path!r} is ONNX already")
+        module = torch_module(spec.model, read_model_bytes(spec.model.path))
+        data = export_onnx(module, spec.model.in_channels, spec.model.input_patch.zyx())
+    except (SpecError, ModelError) as e:
+        raise click.ClickException(str(e)) from None
+    out.write_bytes(data)
+    click.echo(f"wrote {out} ({len(data)} bytes); in the job spec: model.format 'onnx', model.path '{out}'")
+
+
+@main.command()
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--steps", type=int, default=None, help="optimizer steps [default: TrainConfig.steps]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--image", "images", multiple=True, help="image layer URL (repeat); default: synthetic EM")
+@click.option("--labels", "labels", multiple=True, help="ground-truth layer URL, one per --image")
+def train(out: Path, steps: int | None, seed: int, images, labels) -> None:
+    """Train the bundled RSUNet (affinities) on the CPU; write OUT and OUT's .json record.
+
+    The same command on the same PyTorch build gives the same weights.
+    """
+    import dataclasses
+    import time
+
+    import torch
+
+    from .train import TrainConfig, config_dict, synthetic_volumes
+    from .train import train as run_training
+
+    if len(images) != len(labels):
+        raise click.BadParameter(f"{len(images)} --image but {len(labels)} --labels; give one of each per volume")
+    cfg = TrainConfig(seed=seed)
+    if steps is not None:
+        cfg = dataclasses.replace(cfg, steps=steps)
+    started = time.perf_counter()
+    if images:
+        from .volume import Volume
+
+        from .volume import VolumeError
+
+        volumes = []
+        for image_url, labels_url in zip(images, labels):
+            try:
+                image, truth = Volume(image_url, 0), Volume(labels_url, 0)
+            except VolumeError as e:
+                raise click.ClickException(str(e)) from None
+            if image.bounds != truth.bounds:
+                raise click.BadParameter(f"{image_url} bounds {image.bounds} differ from {labels_url} {truth.bounds}")
+            volumes.append((image.read(image.bounds)[0], truth.read(truth.bounds)[0]))
+        cfg = dataclasses.replace(cfg, synthetic_seeds=())
+    else:
+        volumes = synthetic_volumes(cfg)
+    try:
+        net = run_training(volumes, cfg, log=lambda line: click.echo(line, err=True))
+    except ValueError as e:  # e.g. a volume smaller than the training patch
+        raise click.ClickException(str(e)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), out)
+    record = {
+        "command": "chunk-ops train " + " ".join(sys.argv[2:]),
+        "config": config_dict(cfg),
+        "data": list(zip(images, labels)) or "synthetic EM, seeds " + ", ".join(map(str, cfg.synthetic_seeds)),
+        "torch": torch.__version__,
+        "seconds": round(time.perf_counter() - started, 1),
+        "parameters": sum(p.numel() for p in net.parameters()),
+    }
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    click.echo(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":  # pragma: no cover

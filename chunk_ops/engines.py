@@ -10,7 +10,7 @@ numerator of compute amplification).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -22,13 +22,37 @@ class ModelError(ValueError):
 
 
 class Engine(Protocol):
+    """Runs a batch; engines that compute asynchronously (CUDA) also offer ``submit``,
+    which starts a batch and returns a function that waits for its output."""
+
     name: str
 
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
 
 
+class _PinnedSlot:
+    """Page-locked host buffers for one batch in flight, and the event that frees them."""
+
+    def __init__(self, torch):
+        self._torch = torch
+        self._buffers: dict[tuple, object] = {}
+        self.done = torch.cuda.Event()
+        self.done.record()
+
+    def buffer(self, name: str, shape) -> "object":
+        key = (name, tuple(shape))
+        if key not in self._buffers:
+            self._buffers[key] = self._torch.empty(key[1], dtype=self._torch.float32, pin_memory=True)
+        return self._buffers[key]
+
+
 class TorchEngine:
-    """PyTorch on CPU or CUDA; fp16/bf16 through autocast, outputs back in float32."""
+    """PyTorch on CPU or CUDA; fp16/bf16 through autocast, outputs back in float32.
+
+    On CUDA, batches go through page-locked (pinned) host buffers with
+    asynchronous copies, two batches in flight: while the GPU computes one, the
+    caller prepares the next and blends the previous (see ``submit``).
+    """
 
     def __init__(self, module, *, device: str = "auto", precision: str = "float32"):
         import torch
@@ -44,31 +68,114 @@ class TorchEngine:
         if self.autocast_dtype is torch.float16 and self.device.type == "cpu":
             raise ModelError("inference.precision 'float16' needs a CUDA device; use 'bfloat16' on CPUs")
         self.name = f"torch-{self.device.type}-{precision}"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one patch shape: let cuDNN pick its fastest kernels
+            self._slots = [_PinnedSlot(torch), _PinnedSlot(torch)]
+            self._next_slot = 0
+
+    def _forward(self, x):
+        if self.autocast_dtype is None:
+            return self.module(x)
+        with self._torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            return self.module(x)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.device.type == "cuda":
+            return self.submit(batch)()
         torch = self._torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-            x = x.to(self.device, non_blocking=True)
-            if self.autocast_dtype is None:
-                y = self.module(x)
-            else:
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                    y = self.module(x)
-            return y.float().cpu().numpy()
+            return self._forward(x).float().numpy()
+
+    def submit(self, batch: np.ndarray):
+        """Start ``batch``; return a function that waits for and returns its output."""
+        if self.device.type != "cuda":
+            out = self(batch)
+            return lambda: out
+        torch = self._torch
+        slot = self._slots[self._next_slot]
+        self._next_slot ^= 1
+        slot.done.synchronize()  # the batch that used these buffers before has been collected
+        with torch.inference_mode():
+            host_in = slot.buffer("in", batch.shape)
+            host_in.numpy()[...] = batch
+            y = self._forward(host_in.to(self.device, non_blocking=True)).float()
+            host_out = slot.buffer("out", y.shape)
+            host_out.copy_(y, non_blocking=True)
+            slot.done.record()
+
+        def result() -> np.ndarray:
+            slot.done.synchronize()
+            return host_out.numpy().copy()
+
+        return result
+
+
+def fixed_input_shape_error(shape: list, batch_size: int, in_channels: int, patch: Vec3) -> str | None:
+    """Why an ONNX model's fixed input dimensions do not fit the spec (None if they fit).
+
+    ``shape`` is the model's (batch, channel, z, y, x) input, None where dynamic.
+    """
+    if len(shape) != 5:
+        return f"the model's input has {len(shape)} dimensions {shape}; (batch, channel, z, y, x) needs 5"
+    b, c, *zyx = shape
+    if b is not None and b != batch_size:
+        return f"the model's batch size is fixed at {b}, but inference.batch_size is {batch_size}"
+    if c is not None and c != in_channels:
+        return f"the model's input has {c} channels, but model.in_channels is {in_channels}"
+    if any(m is not None and m != w for m, w in zip(zyx, patch.zyx())):
+        have = [m if m is not None else "any" for m in reversed(zyx)]
+        return (f"the model's input patch is fixed at (x,y,z) {have}, but model.input_patch is "
+                f"{patch.to_list()}")
+    return None
 
 
 class OnnxRuntimeEngine:
-    """ONNX Runtime on CPU (the CUDA provider when installed and asked for)."""
+    """ONNX Runtime on CPU, float32."""
 
     def __init__(self, session):
         self.session = session
         self.input_name = session.get_inputs()[0].name
-        self.name = "onnxruntime-" + session.get_providers()[0]
+        self.name = "onnxruntime-cpu-float32"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=np.float32)
         return np.asarray(self.session.run(None, {self.input_name: x})[0], dtype=np.float32)
+
+
+class OpenVinoEngine:
+    """OpenVINO on CPU, compiled for the job's exact batch and patch (static shapes run fastest).
+
+    A partial last batch is padded with zeros.  ``bfloat16`` is asked for with
+    ``INFERENCE_PRECISION_HINT`` (OpenVINO's default differs between CPUs, so it is
+    always set); a CPU without bf16 units runs float32, and the name says so.
+    """
+
+    def __init__(self, model, *, batch_size: int, precision: str = "float32"):
+        import openvino as ov
+
+        hint = {"float32": "f32", "bfloat16": "bf16"}.get(precision)
+        if hint is None:
+            raise ModelError(f"inference.precision {precision!r} is not available with engine openvino on CPUs; "
+                             f"use 'float32' or 'bfloat16'")
+        self.batch_size = batch_size
+        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                          "PERFORMANCE_HINT": "LATENCY"})
+        self.request = compiled.create_infer_request()
+        self.input_shape = tuple(compiled.inputs[0].get_shape())
+        ran_type = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        ran = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}.get(ran_type, ran_type)
+        self.precision = ran
+        self.name = f"openvino-cpu-{ran}"
+        if ran != precision:
+            self.name += f" ({precision} asked; this CPU has no {precision} support)"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        n = len(batch)
+        x = np.zeros(self.input_shape, np.float32)
+        x[:n] = batch
+        out = self.request.infer({0: x})[0]
+        return np.array(out[:n], dtype=np.float32)
 
 
 def _centre_crop_slices(have: tuple[int, ...], want: Vec3) -> tuple[slice, ...]:
@@ -88,13 +195,13 @@ class Predictor:
     patches_evaluated: int = field(default=0, init=False)
 
     def check(self) -> None:
-        """One forward pass on zeros: channels and output size must match the spec."""
-        probe = np.zeros((1, self.in_channels, *self.input_patch.zyx()), np.float32)
+        """One forward pass on a batch of zeros: channels and output size must match the spec."""
+        probe = np.zeros((self.batch_size, self.in_channels, *self.input_patch.zyx()), np.float32)
         try:
             out = self.engine(probe)
         except Exception as e:  # the engine's own message says what it disliked
             raise ModelError(
-                f"the model failed on a (1, {self.in_channels}, {', '.join(map(str, self.input_patch.zyx()))}) "
+                f"the model failed on a ({self.batch_size}, {self.in_channels}, {', '.join(map(str, self.input_patch.zyx()))}) "
                 f"input, i.e. model.in_channels={self.in_channels}, model.input_patch (x,y,z)="
                 f"{self.input_patch.to_list()}: {type(e).__name__}: {e}"
             ) from e
@@ -112,8 +219,26 @@ class Predictor:
         self.patches_evaluated = 0
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        out = self.engine(batch)
+        return self.submit(batch)()
+
+    def submit(self, batch: np.ndarray) -> Callable[[], np.ndarray]:
+        """Start ``batch`` on the engine; the returned function gives its cropped output.
+
+        Engines without ``submit`` compute right away; on CUDA the batch runs
+        while the caller goes on (prepares the next batch, blends the previous).
+        """
+        start = getattr(self.engine, "submit", None)
+        if start is None:
+            out = self.engine(batch)
+            result = lambda: out  # noqa: E731
+        else:
+            result = start(batch)
         self.patches_evaluated += len(batch)
-        if out.shape[2:] != self.output_patch.zyx():
-            out = out[(slice(None), slice(None), *_centre_crop_slices(out.shape[2:], self.output_patch))]
-        return out
+
+        def cropped() -> np.ndarray:
+            out = result()
+            if out.shape[2:] != self.output_patch.zyx():
+                out = out[(slice(None), slice(None), *_centre_crop_slices(out.shape[2:], self.output_patch))]
+            return out
+
+        return cropped

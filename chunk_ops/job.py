@@ -70,6 +70,13 @@ class Job:
                 f"roi {roi.to_dict()} is outside the input volume {spec.input_url} "
                 f"(bounds {source.bounds.to_dict()} at mip {spec.input_mip})"
             )
+        segmentation = spec.segmentation
+        if segmentation["method"] != "none" and roi.size > segmentation["max_voxels"]:
+            raise SpecError(
+                f"postprocess.segmentation covers the region's {roi.size} voxels, more than its "
+                f"max_voxels {segmentation['max_voxels']} (one task segments the whole region); "
+                f"choose a smaller roi or method 'none'"
+            )
         try:
             grid = PatchGrid(roi, spec.model.output_patch, spec.stride)
         except ValueError as e:

@@ -100,9 +100,9 @@ def write_report(job: Job, summary: dict) -> dict[str, str]:
     files.put("report.png", section_picture(job), content_type="image/png", compress=None)
     link = neuroglancer_link(job)
     rows = [(k, v) for k, v in summary.items() if not isinstance(v, dict)]
-    for stage in ("stage1", "stage2"):
-        for k, v in (summary.get(stage) or {}).items():
-            rows.append((f"{stage} {k}", round(v, 3) if isinstance(v, float) else v))
+    for section in ("stage1", "stage2", "segmentation"):
+        for k, v in (summary.get(section) or {}).items():
+            rows.append((f"{section} {k}", round(v, 4) if isinstance(v, float) else v))
     md = [f"# chunk_ops run {job.id}", "",
           f"- input: `{job.spec.input_url}` (mip {job.spec.input_mip})",
           f"- output: `{job.spec.output_url}`",

@@ -22,6 +22,11 @@ import jsonschema
 from .geometry import Box, Vec3
 
 
+# postprocess.segmentation.threshold by method: agglomerate while the mean affinity is
+# above 0.3; a single connected edge merges two components, so they need a strict 0.9
+DEFAULT_THRESHOLDS = {"watershed": 0.3, "components": 0.9}
+
+
 class SpecError(ValueError):
     """The job spec is invalid; the message names the field and the bad value."""
 
@@ -68,6 +73,7 @@ class JobSpec:
     blend: str
     precision: str
     device: str
+    engine: str
     batch_size: int
     scratch_url: str | None
     queue_url: str | None
@@ -79,6 +85,15 @@ class JobSpec:
 
     def to_dict(self) -> dict:
         return json.loads(self.document)
+
+    @property
+    def segmentation(self) -> dict:
+        """``postprocess.segmentation`` with defaults: method, threshold, url, truth_url, max_voxels."""
+        seg = section_with_defaults("postprocess", self.to_dict().get("postprocess"))["segmentation"]
+        seg.setdefault("threshold", DEFAULT_THRESHOLDS.get(seg["method"]))
+        seg.setdefault("url", f"{self.output_url}/segmentation")
+        seg.setdefault("truth_url", None)
+        return seg
 
 
 def _fill_defaults(doc: dict, schema: dict, create_objects: bool = False) -> dict:
@@ -135,6 +150,12 @@ def parse_spec(document: dict[str, Any]) -> JobSpec:
             f"model.input_patch {input_patch.to_list()} minus model.output_patch "
             f"{output_patch.to_list()} must be even on every axis (the output is centred)"
         )
+    seg = section_with_defaults("postprocess", doc.get("postprocess"))["segmentation"]
+    if seg["method"] != "none" and m["out_channels"] != 3:
+        raise SpecError(
+            f"postprocess.segmentation.method {seg['method']!r} needs affinities (model.out_channels 3: "
+            f"x, y, z), but model.out_channels is {m['out_channels']}"
+        )
     if m["format"] == "pytorch" and not m.get("definition"):
         raise SpecError("model.definition is required for format 'pytorch' (e.g. 'chunk_ops.models.rsunet:RSUNet')")
 
@@ -187,6 +208,7 @@ def parse_spec(document: dict[str, Any]) -> JobSpec:
         blend=inf["blend"],
         precision=inf["precision"],
         device=inf["device"],
+        engine=inf["engine"],
         batch_size=inf["batch_size"],
         scratch_url=doc.get("scratch_url"),
         queue_url=doc.get("queue", {}).get("url"),
@@ -195,7 +217,7 @@ def parse_spec(document: dict[str, Any]) -> JobSpec:
 
 
 # Fields that do not change the output bytes, so they stay out of the job id.
-_NOT_IN_JOB_ID = {("inference", "device"), ("inference", "batch_size"), ("scratch_url",), ("queue",), ("workers",), ("postprocess",)}
+_NOT_IN_JOB_ID = {("inference", "device"), ("inference", "engine"), ("inference", "batch_size"), ("scratch_url",), ("queue",), ("workers",), ("postprocess",)}
 
 
 def job_id(spec: JobSpec, model_sha256: str, roi: Box) -> str:

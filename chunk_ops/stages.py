@@ -26,6 +26,7 @@ from .blend import window_3d
 from .engines import Predictor
 from .geometry import Box, Vec3
 from .job import Job
+from .segment import segment_job
 
 
 @dataclass
@@ -83,14 +84,10 @@ def predict_into(
     """
     pin, pout = predictor.input_patch, predictor.output_patch
     todo = [Vec3(int(x), int(y), int(z)) for z, y, x in itertools.product(origins[2], origins[1], origins[0])]
-    for first in range(0, len(todo), predictor.batch_size):
-        batch_origins = todo[first:first + predictor.batch_size]
-        rel = [o - base for o in batch_origins]
-        batch = np.stack([
-            image[:, r.z:r.z + pin.z, r.y:r.y + pin.y, r.x:r.x + pin.x] for r in rel
-        ])
+
+    def blend(rel: list[Vec3], result) -> None:
         t0 = time.perf_counter()
-        out = predictor(batch)
+        out = result()  # waits for the engine where it runs asynchronously
         t1 = time.perf_counter()
         for r, pred in zip(rel, out):
             where = (slice(r.z, r.z + pout.z), slice(r.y, r.y + pout.y), slice(r.x, r.x + pout.x))
@@ -99,7 +96,22 @@ def predict_into(
                 weights[where] += window
         stats.infer_s += t1 - t0
         stats.blend_s += time.perf_counter() - t1
-        stats.patches += len(batch_origins)
+
+    # one batch in flight: the next is cut and the previous blended while it computes;
+    # blending stays in plan order, so the sums (and bytes) do not change
+    pending = None
+    for first in range(0, len(todo), predictor.batch_size):
+        rel = [o - base for o in todo[first:first + predictor.batch_size]]
+        batch = np.stack([image[:, r.z:r.z + pin.z, r.y:r.y + pin.y, r.x:r.x + pin.x] for r in rel])
+        t0 = time.perf_counter()
+        result = predictor.submit(batch)
+        stats.infer_s += time.perf_counter() - t0
+        stats.patches += len(rel)
+        if pending is not None:
+            blend(*pending)
+        pending = (rel, result)
+    if pending is not None:
+        blend(*pending)
 
 
 def run_stage1(job: Job, chunk: Box) -> ChunkStats:
@@ -170,6 +182,7 @@ class RunReport:
     per_pool: dict = field(default_factory=dict)  # pool -> tasks, voxels, seconds
     stage1: ChunkStats = field(default_factory=ChunkStats)
     stage2: ChunkStats = field(default_factory=ChunkStats)
+    segmentation: dict = field(default_factory=dict)  # postprocess.segmentation's result
 
     @property
     def amplification(self) -> float:
@@ -200,6 +213,7 @@ def run_local(job: Job, order: list[int] | None = None) -> RunReport:
         report.stage2.add(run_stage2(job, job.plan[i]))
     job.remove_scratch()
     report.patches_evaluated = job.predictor.patches_evaluated
+    report.segmentation = segment_job(job)
     report.wall_s = time.perf_counter() - t0
     job.write_report(report.to_dict())
     return report

@@ -14,6 +14,7 @@ from typing import Iterator
 
 from .job import Job
 from .queues import QueueCounts, TaskQueue
+from .segment import segment_job
 from .stages import ChunkStats, RunReport
 from .task import Task
 
@@ -133,9 +134,10 @@ def report_from_markers(job: Job, wall_s: float | None = None) -> RunReport:
 
 
 def finish_job(job: Job, queue: TaskQueue, wall_s: float | None = None) -> RunReport:
-    """After the merge: check every chunk is done, remove the scratch, write the report."""
+    """After the merge: check every chunk is done, remove the scratch, segment, write the report."""
     check_stage_done(job, queue, 2)
     job.remove_scratch()
     report = report_from_markers(job, wall_s)
+    report.segmentation = segment_job(job)
     job.write_report(report.to_dict())
     return report

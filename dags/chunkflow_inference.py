@@ -10,7 +10,7 @@ Runs one chunk_ops job: the trigger form's fields are the job spec
    CPU pods (spot/preemptible node pools) drain the queue side by side; a deferrable
    sensor waits for every chunk's done marker;
 4. **stage 2** (merge, no GPU): the same with local and CPU workers only;
-5. **verify** every chunk, remove the scratch; build the downsampled **pyramid**;
+5. **verify** every chunk, remove the scratch, **segment** (postprocess.segmentation); build the downsampled **pyramid**;
 6. **report**: summary in the log and XCom; Markdown/HTML with a picture and a
    Neuroglancer link next to the output.
 
@@ -136,7 +136,7 @@ with DAG(
 
     @task
     def finish(info: dict) -> dict:
-        """Every chunk of both stages done; scratch removed; report written next to the output."""
+        """Every chunk of both stages done; scratch removed; segmented; report written by the output."""
         from chunk_ops.job import Job
         from chunk_ops.submit import finish_job
         from chunkflow_airflow.hooks.chunk_queue import ChunkQueueHook

@@ -185,15 +185,16 @@ def stop_group(pid: int) -> None:
 
 def demo(workdir: Path, port: int) -> int:
     from chunk_ops.geometry import Vec3
-    from chunk_ops.models.demo import write_demo_model
+    from chunk_ops.models.demo import write_demo_job
     from chunk_ops.sample import write_sample
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     image_url = f"file://{workdir}/image"
     print(f"1/4 sample EM volume -> {image_url}", flush=True)
-    write_sample(image_url, Vec3(512, 512, 48), seed=1)
-    job = write_demo_model(workdir, image_url, f"file://{workdir}/affinities")
+    truth_url = f"file://{workdir}/truth"
+    write_sample(image_url, Vec3(512, 512, 48), seed=1, labels_url=truth_url)
+    job = write_demo_job(workdir, image_url, f"file://{workdir}/affinities", truth_url)
     job["workers"] = {"local": 2, "idle_exit_s": 5}
     (workdir / "job.json").write_text(json.dumps(job, indent=2) + "\n")
 

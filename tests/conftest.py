@@ -4,12 +4,16 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
+
+# One ONNX export cache for the whole run (workers started by tests inherit it), not ~/.cache.
+os.environ.setdefault("CHUNK_OPS_CACHE", tempfile.mkdtemp(prefix="chunk_ops_cache_"))
 
 # Two shared cores: wall-clock deadlines would make property tests flaky, not stricter.
 settings.register_profile("ci", deadline=None, print_blob=True)

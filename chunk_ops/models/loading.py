@@ -5,7 +5,13 @@ Formats:
 - ``pytorch``: a class named by ``definition`` (``package.module:Class`` or
   ``/path/file.py:Class``) built with ``kwargs``, and a state_dict read with
   ``torch.load(..., weights_only=True)`` (never pickle-executing code).
-- ``onnx``: an ONNX graph run by ONNX Runtime.
+- ``onnx``: an ONNX graph.
+
+Engines (``inference.engine``): ``pytorch`` (CPU or CUDA), ``openvino`` and
+``onnxruntime`` (CPU; PyTorch models are exported to ONNX for them, see
+:mod:`.export`).  ``auto`` picks the fastest available: PyTorch on a CUDA
+device, else OpenVINO (on this project's CPUs 2-3x PyTorch eager at float32),
+else PyTorch, or ONNX Runtime for ONNX models.  The choice is logged.
 """
 
 from __future__ import annotations
@@ -14,11 +20,14 @@ import hashlib
 import importlib
 import importlib.util
 import io
+import logging
 import os
 from urllib.parse import urlparse
 
-from ..engines import ModelError, OnnxRuntimeEngine, Predictor, TorchEngine
+from ..engines import ModelError, OnnxRuntimeEngine, OpenVinoEngine, Predictor, TorchEngine, fixed_input_shape_error
 from ..spec import JobSpec, ModelSpec
+
+log = logging.getLogger(__name__)
 
 
 def read_model_bytes(path: str) -> bytes:
@@ -60,7 +69,7 @@ def _import_definition(definition: str):
         raise ModelError(f"cannot import model.definition {definition!r}: {e}") from None
 
 
-def _torch_module(model: ModelSpec, data: bytes):
+def torch_module(model: ModelSpec, data: bytes):
     import torch
 
     if model.format == "torchscript":
@@ -86,29 +95,100 @@ def _torch_module(model: ModelSpec, data: bytes):
     return module
 
 
-def _onnx_engine(model: ModelSpec, data: bytes) -> OnnxRuntimeEngine:
+def _onnxruntime_engine(spec: JobSpec, onnx: bytes) -> OnnxRuntimeEngine:
     import onnxruntime as ort
 
+    if spec.precision != "float32":
+        raise ModelError(f"inference.precision {spec.precision!r} is not available with engine onnxruntime; "
+                         f"use 'float32', or engine 'openvino' or 'pytorch'")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ModelError(f"model file {model.path!r} is not a readable ONNX model: {e}") from None
+        raise ModelError(f"model file {spec.model.path!r} is not a readable ONNX model: {e}") from None
+    shape = [d if isinstance(d, int) else None for d in session.get_inputs()[0].shape]
+    _check_fixed_shape(spec, shape)
     return OnnxRuntimeEngine(session)
 
 
+def _openvino_engine(spec: JobSpec, onnx: bytes) -> OpenVinoEngine:
+    import openvino as ov
+
+    try:
+        model = ov.Core().read_model(onnx, b"")
+    except Exception as e:
+        raise ModelError(f"model file {spec.model.path!r} is not a readable ONNX model: {e}") from None
+    shape = [d.get_length() if d.is_static else None for d in model.inputs[0].get_partial_shape()]
+    _check_fixed_shape(spec, [None, *shape[1:]])  # the batch is reshaped below
+    try:
+        model.reshape([spec.batch_size, spec.model.in_channels, *spec.model.input_patch.zyx()])
+    except Exception as e:
+        raise ModelError(f"the ONNX model cannot take model.input_patch (x,y,z) "
+                         f"{spec.model.input_patch.to_list()}: {e}") from None
+    return OpenVinoEngine(model, batch_size=spec.batch_size, precision=spec.precision)
+
+
+def _check_fixed_shape(spec: JobSpec, shape: list) -> None:
+    why = fixed_input_shape_error(shape, spec.batch_size, spec.model.in_channels, spec.model.input_patch)
+    if why:
+        raise ModelError(f"model file {spec.model.path!r} does not fit the job: {why}")
+
+
+def _available(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def choose_engine(spec: JobSpec) -> str:
+    """The engine a worker runs ``spec`` with: ``inference.engine``, with ``auto`` resolved."""
+    engine, fmt = spec.engine, spec.model.format
+    if engine == "auto":
+        cuda = False
+        if spec.device != "cpu" and fmt != "onnx":
+            import torch
+
+            cuda = torch.cuda.is_available()
+        if cuda:
+            engine = "pytorch"
+        elif _available("openvino"):
+            engine = "openvino"
+        else:
+            engine = "onnxruntime" if fmt == "onnx" else "pytorch"
+    if engine == "pytorch" and fmt == "onnx":
+        raise ModelError("inference.engine 'pytorch' cannot run an ONNX model; use 'openvino' or 'onnxruntime'")
+    if engine != "pytorch" and spec.device == "cuda":
+        raise ModelError(f"inference.engine {engine!r} runs on CPUs; inference.device 'cuda' needs 'pytorch'")
+    if engine != "pytorch" and not _available(engine):
+        raise ModelError(f"inference.engine {engine!r} is not installed on this worker")
+    return engine
+
+
 def load_predictor(spec: JobSpec, data: bytes | None = None) -> Predictor:
-    """Load the spec's model, check it on one patch, and return its predictor."""
+    """Load the spec's model into its engine, check it on one batch, and return its predictor."""
     model = spec.model
     data = read_model_bytes(model.path) if data is None else data
-    if model.format == "onnx":
-        engine = _onnx_engine(model, data)
+    engine_name = choose_engine(spec)
+    if engine_name == "pytorch":
+        engine = TorchEngine(torch_module(model, data), device=spec.device, precision=spec.precision)
     else:
-        engine = TorchEngine(_torch_module(model, data), device=spec.device, precision=spec.precision)
+        if model.format == "onnx":
+            onnx = data
+        else:
+            from .export import cached_onnx
+
+            module = torch_module(model, data)
+            key = {"format": model.format, "definition": model.definition, "kwargs": model.kwargs}
+            try:
+                onnx = cached_onnx(module, model_sha256(data), key, model.in_channels, model.input_patch.zyx())
+            except Exception as e:
+                raise ModelError(f"cannot export the model to ONNX for engine {engine_name!r} "
+                                 f"(use inference.engine 'pytorch'): {type(e).__name__}: {e}") from None
+        build = _openvino_engine if engine_name == "openvino" else _onnxruntime_engine
+        engine = build(spec, onnx)
     predictor = Predictor(
         engine=engine, input_patch=model.input_patch, output_patch=model.output_patch,
         in_channels=model.in_channels, out_channels=model.out_channels, batch_size=spec.batch_size,
     )
     predictor.check()
+    log.info("engine %s for model %s (inference.engine=%s)", engine.name, model.path, spec.engine)
     return predictor

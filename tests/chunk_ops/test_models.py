@@ -40,6 +40,7 @@ def test_every_format_gives_the_same_volume(make_spec, tmp_path, fmt):
     net = nets.TinyConvNet(in_channels=1, out_channels=2).eval()
     spec = make_spec(out_channels=2, output=f"from-{fmt}")
     spec["model"].update(path=str(_export(net, fmt, tmp_path, (4, 12, 12))), format=fmt)
+    spec["inference"]["engine"] = "onnxruntime" if fmt == "onnx" else "pytorch"
     del spec["model"]["definition"], spec["model"]["kwargs"]
     job = Job.open(spec)
     run_local(job)
@@ -49,12 +50,14 @@ def test_every_format_gives_the_same_volume(make_spec, tmp_path, fmt):
     assert np.abs(a - b).max() <= 1e-5
 
 
-def test_onnx_model_with_fixed_patch_size_rejects_another_patch(make_spec, tmp_path):
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_onnx_model_with_fixed_patch_size_rejects_another_patch(make_spec, tmp_path, engine):
     net = nets.TinyConvNet().eval()
-    spec = make_spec()
+    spec = make_spec(batch_size=1)
     spec["model"].update(path=str(_export(net, "onnx", tmp_path, (4, 16, 16), dynamic_batch=False)), format="onnx")
+    spec["inference"]["engine"] = engine
     del spec["model"]["definition"], spec["model"]["kwargs"]
-    with pytest.raises(ModelError, match=r"the model failed on a \(1, 1, 4, 12, 12\) input.*input_patch \(x,y,z\)=\[12, 12, 4\]"):
+    with pytest.raises(ModelError, match=r"input patch is fixed at \(x,y,z\) \[16, 16, 4\], but model.input_patch is \[12, 12, 4\]"):
         run_local(Job.open(spec))
     assert not Path(spec["output"]["url"].removeprefix("file://")).exists()
 

@@ -1,0 +1,178 @@
+"""CPU engines (OpenVINO, ONNX Runtime) against PyTorch, engine choice, and bad models.
+
+The network is the bundled, trained RSUNet; inputs are synthetic EM patches.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chunk_ops.engines import ModelError
+from chunk_ops.job import Job
+from chunk_ops.models.demo import bundled_model_spec, bundled_weights
+from chunk_ops.models.export import cache_dir, export_onnx
+from chunk_ops.models.loading import choose_engine, load_predictor, read_model_bytes, torch_module
+from chunk_ops.models.rsunet import RSUNet
+from chunk_ops.sample import synthetic_em
+from chunk_ops.spec import parse_spec
+
+
+def _spec(engine: str, precision: str = "float32", model: dict | None = None, batch_size: int = 2):
+    return parse_spec({
+        "input": {"url": "file:///unused/image"},
+        "output": {"url": "file:///unused/output", "block_size": [64, 64, 8]},
+        "model": model or bundled_model_spec(bundled_weights()),
+        "inference": {"engine": engine, "precision": precision, "batch_size": batch_size, "device": "cpu"},
+    })
+
+
+@pytest.fixture(scope="module")
+def patches() -> np.ndarray:
+    """Two real (1, 16, 128, 128) input patches of synthetic EM, in [0, 1]."""
+    image, _ = synthetic_em((128, 128, 32), seed=11)
+    return (np.stack([image[None, :16], image[None, 16:]]) / 255).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def pytorch_fp32(patches) -> np.ndarray:
+    return load_predictor(_spec("pytorch"))(patches)
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_cpu_engines_match_pytorch_at_float32(patches, pytorch_fp32, engine):
+    predictor = load_predictor(_spec(engine))
+    assert predictor.engine.name == f"{engine}-cpu-float32"
+    out = predictor(patches)
+    assert out.shape == pytorch_fp32.shape == (2, 3, 12, 96, 96)
+    assert np.abs(out - pytorch_fp32).max() <= 1e-4
+
+
+def test_openvino_bfloat16_stays_within_5e_3_and_says_what_it_ran(patches, pytorch_fp32):
+    predictor = load_predictor(_spec("openvino", "bfloat16"))
+    out = predictor(patches)
+    assert np.abs(out - pytorch_fp32).max() <= 5e-3
+    if predictor.engine.precision != "bfloat16":  # a CPU without bf16 units runs float32
+        assert "no bfloat16 support" in predictor.engine.name
+
+
+def test_a_partial_last_batch_gives_the_same_patches(patches):
+    predictor = load_predictor(_spec("openvino", batch_size=3))  # compiled for 3, called with 2 and 1
+    both = predictor(patches)
+    assert np.array_equal(predictor(patches[1:]), both[1:])
+
+
+def test_auto_picks_openvino_on_a_cpu_worker_and_logs_it(caplog):
+    spec = _spec("auto")
+    assert choose_engine(spec) == "openvino"
+    with caplog.at_level(logging.INFO, logger="chunk_ops.models.loading"):
+        predictor = load_predictor(spec)
+    assert predictor.engine.name.startswith("openvino-cpu")
+    assert f"engine {predictor.engine.name}" in caplog.text
+
+
+def test_the_onnx_export_is_cached_and_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("CHUNK_OPS_CACHE", str(tmp_path))
+    load_predictor(_spec("onnxruntime"))
+    exported = list((cache_dir() / "onnx").glob("*.onnx"))
+    assert len(exported) == 1
+    exported[0].write_bytes(exported[0].read_bytes())  # touch: a reload must read this file, not export
+    before = exported[0].stat().st_mtime_ns
+    load_predictor(_spec("openvino"))
+    assert [p.stat().st_mtime_ns for p in (cache_dir() / "onnx").glob("*.onnx")] == [before]
+
+
+@pytest.mark.parametrize("engine,precision,message", [
+    ("onnxruntime", "bfloat16", "not available with engine onnxruntime"),
+    ("openvino", "float16", "not available with engine openvino"),
+])
+def test_unsupported_precisions_are_refused_by_name(engine, precision, message):
+    with pytest.raises(ModelError, match=message):
+        load_predictor(_spec(engine, precision))
+
+
+# --- bad models: a clear error before any chunk is processed -----------------------------
+
+def _onnx_file(folder: Path, in_channels: int, patch_zyx=(16, 128, 128)) -> Path:
+    torch.manual_seed(0)
+    net = RSUNet(in_channels=in_channels, out_channels=3, widths=[4, 8]).eval()
+    path = folder / f"net-{in_channels}.onnx"
+    path.write_bytes(export_onnx(net, in_channels, patch_zyx))
+    return path
+
+
+def _job_spec(tmp_path: Path, model: dict, engine: str) -> dict:
+    from chunk_ops.sample import write_sample
+
+    write_sample(f"file://{tmp_path}/image", (128, 128, 16), seed=2)
+    return {
+        "input": {"url": f"file://{tmp_path}/image"},
+        "output": {"url": f"file://{tmp_path}/out", "block_size": [64, 64, 8]},
+        "chunk_size": [128, 128, 16],
+        "model": model,
+        "inference": {"engine": engine, "batch_size": 1},
+    }
+
+
+def _assert_refused_before_any_write(spec: dict, match: str) -> None:
+    with pytest.raises(ModelError, match=match):
+        Job.open(spec).prepare()
+    assert not Path(spec["output"]["url"].removeprefix("file://")).exists()
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_wrong_channel_count_is_refused(tmp_path, engine):
+    model = {"path": str(_onnx_file(tmp_path, in_channels=2)), "format": "onnx", "input_patch": [128, 128, 16],
+             "in_channels": 1, "out_channels": 3}
+    _assert_refused_before_any_write(_job_spec(tmp_path, model, engine),
+                                     "the model's input has 2 channels, but model.in_channels is 1")
+
+
+def test_wrong_channel_count_of_a_pytorch_model_is_refused(tmp_path):
+    model = bundled_model_spec(bundled_weights())
+    model["kwargs"] = {**model["kwargs"], "in_channels": 2}
+    _assert_refused_before_any_write(_job_spec(tmp_path, model, "pytorch"), "does not fit chunk_ops.models.rsunet:RSUNet")
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_wrong_patch_for_a_fixed_shape_onnx_model_is_refused(tmp_path, engine):
+    model = {"path": str(_onnx_file(tmp_path, 1, patch_zyx=(16, 128, 128))), "format": "onnx",
+             "input_patch": [96, 96, 16], "in_channels": 1, "out_channels": 3}
+    # export_onnx fixes the patch and leaves only the batch free
+    _assert_refused_before_any_write(
+        _job_spec(tmp_path, model, engine),
+        r"input patch is fixed at \(x,y,z\) \[128, 128, 16\], but model.input_patch is \[96, 96, 16\]")
+
+
+@pytest.mark.parametrize("engine,fmt,match", [
+    ("onnxruntime", "onnx", "is not a readable ONNX model"),
+    ("openvino", "onnx", "is not a readable ONNX model"),
+    ("openvino", "pytorch", "is not a readable state_dict"),
+    ("pytorch", "torchscript", "is not a readable TorchScript file"),
+])
+def test_a_corrupt_model_file_is_refused(tmp_path, engine, fmt, match):
+    good = read_model_bytes(str(bundled_weights()))
+    corrupt = tmp_path / "corrupt.bin"
+    corrupt.write_bytes(good[:1000] + b"\x00" * 64)  # a truncated download
+    model = bundled_model_spec(corrupt) if fmt == "pytorch" else {
+        "path": str(corrupt), "format": fmt, "input_patch": [128, 128, 16], "in_channels": 1, "out_channels": 3}
+    _assert_refused_before_any_write(_job_spec(tmp_path, model, engine), match)
+
+
+def test_an_onnx_model_cannot_run_on_the_pytorch_engine(tmp_path):
+    model = {"path": str(_onnx_file(tmp_path, 1)), "format": "onnx", "input_patch": [128, 128, 16],
+             "in_channels": 1, "out_channels": 3}
+    _assert_refused_before_any_write(_job_spec(tmp_path, model, "pytorch"), "cannot run an ONNX model")
+
+
+def test_bundled_weights_are_small_and_load_safely():
+    path = bundled_weights()
+    assert path.stat().st_size <= 5 * 2 ** 20
+    state = torch.load(path, weights_only=True)
+    net = RSUNet(**bundled_model_spec(path)["kwargs"])
+    net.load_state_dict(state, strict=True)
+    assert torch_module(_spec("pytorch").model, path.read_bytes()) is not None
