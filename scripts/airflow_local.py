@@ -222,6 +222,7 @@ def demo(workdir: Path, port: int) -> int:
         print(json.dumps(xcom["value"], indent=2) if not isinstance(xcom["value"], str) else xcom["value"])
     print(f"\nAirflow UI:   {airflow.url}  (user and password in {airflow.home / 'simple_auth_manager_passwords.json.generated'})")
     print(f"output layer: file://{workdir}/affinities")
+    print(f"segmentation: file://{workdir}/affinities/segmentation (ground truth file://{workdir}/truth)")
     print(f"reports:      {workdir}/affinities/jobs/*/report.html (.md, .png, .json)")
     print(f"stop Airflow: {Path(sys.executable).parent}/python scripts/airflow_local.py stop --workdir {workdir}")
     return 0 if state == "success" else 1
