@@ -135,8 +135,10 @@ def submit(job: dict, queue_url: str | None, stage: str, max_receives: int) -> N
 @click.option("--max-tasks", type=click.IntRange(min=1), default=None, help="exit after this many tasks")
 @click.option("--pool", envvar="CHUNK_OPS_POOL", default="default", show_default=True,
               help="pool name recorded with each task (env CHUNK_OPS_POOL)")
+@click.option("--tasks-in-flight", type=click.IntRange(min=1), default=1, show_default=True,
+              help="tasks at once, sharing the model: reads and writes overlap the network (GPU workers: 2)")
 def worker(queue_url: str, visibility_timeout: float, idle_exit: float, grace: float,
-           max_tasks: int | None, pool: str) -> None:
+           max_tasks: int | None, pool: str, tasks_in_flight: int) -> None:
     """Lease tasks from the queue and do them until it stays empty."""
     import logging
 
@@ -145,7 +147,7 @@ def worker(queue_url: str, visibility_timeout: float, idle_exit: float, grace: f
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         w = Worker(WorkerConfig(queue_url, visibility_timeout_s=visibility_timeout, idle_exit_s=idle_exit,
-                                grace_s=grace, max_tasks=max_tasks, pool=pool))
+                                grace_s=grace, max_tasks=max_tasks, pool=pool, tasks_in_flight=tasks_in_flight))
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     w.install_signal_handlers()

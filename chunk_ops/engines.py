@@ -9,6 +9,7 @@ numerator of compute amplification).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -193,6 +194,8 @@ class Predictor:
     out_channels: int
     batch_size: int = 1
     patches_evaluated: int = field(default=0, init=False)
+    # held by a chunk's whole patch loop: task threads sharing the model take turns
+    lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def check(self) -> None:
         """One forward pass on a batch of zeros: channels and output size must match the spec."""

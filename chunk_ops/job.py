@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -50,6 +51,8 @@ class Job:
     input: Volume
     model_sha256: str
     _model_bytes: bytes | None = field(default=None, repr=False)
+    _predictor: Predictor | None = field(default=None, repr=False)
+    _predictor_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     # --- opening: every check that writes nothing ---------------------------------
     @classmethod
@@ -137,9 +140,13 @@ class Job:
             self._model_bytes = data
         return self._model_bytes
 
-    @cached_property
+    @property
     def predictor(self) -> Predictor:
-        return load_predictor(self.spec, self.model_bytes)
+        """The loaded model, once per job, even when task threads ask at the same time."""
+        with self._predictor_lock:
+            if self._predictor is None:
+                self._predictor = load_predictor(self.spec, self.model_bytes)
+            return self._predictor
 
     @cached_property
     def output(self) -> Volume:

@@ -41,6 +41,10 @@ def neuroglancer_link(job: Job) -> str:
         "position": centre,
         "layout": "xy",
     }
+    segmentation = job.spec.segmentation
+    if segmentation["method"] != "none":
+        state["layers"].append({"type": "segmentation", "source": f"precomputed://{segmentation['url']}",
+                                "name": "segmentation"})
     for layer in state["layers"]:
         if layer.get("shader") is None:
             layer.pop("shader", None)
@@ -71,8 +75,16 @@ def _chunk_map(job: Job, z: int, shape_xy: tuple[int, int]) -> Image.Image:
     return canvas
 
 
+def _label_colours(labels: np.ndarray) -> np.ndarray:
+    """(y, x) labels -> (y, x, 3) uint8: a fixed pseudo-random colour per label, 0 black."""
+    hashed = (labels.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2 ** 24)
+    rgb = np.stack([(hashed >> np.uint64(s)) & np.uint64(255) for s in (16, 8, 0)], -1).astype(np.uint8)
+    rgb[labels == 0] = 0
+    return rgb
+
+
 def section_picture(job: Job) -> bytes:
-    """PNG: input | output | chunk states, at the middle z section of the region."""
+    """PNG: input | output | [segmentation |] chunk states, at the middle z section of the region."""
     from .volume import Volume
 
     z = (job.roi.start.z + job.roi.stop.z) // 2
@@ -82,11 +94,15 @@ def section_picture(job: Job) -> bytes:
     left = Image.fromarray(_to_uint8(raw)).convert("RGB")
     right = Image.fromarray(np.stack([_to_uint8(c) for c in out[:3]], -1)) if len(out) >= 3 \
         else Image.fromarray(_to_uint8(out[0])).convert("RGB")
-    states = _chunk_map(job, z, left.size)
+    images = [left, right]
+    segmentation = job.spec.segmentation
+    if segmentation["method"] != "none" and Volume.exists(segmentation["url"]):
+        images.append(Image.fromarray(_label_colours(Volume(segmentation["url"], 0).read(plane)[0, 0])))
+    images.append(_chunk_map(job, z, left.size))
     zoom = max(1, 256 // max(left.width, left.height))  # small regions: big enough to see
-    panels = [im.resize((im.width * zoom, im.height * zoom), Image.NEAREST) for im in (left, right, states)]
+    panels = [im.resize((im.width * zoom, im.height * zoom), Image.NEAREST) for im in images]
     gap, width, height = 8, panels[0].width, panels[0].height
-    picture = Image.new("RGB", (width * 3 + gap * 2, height), (255, 255, 255))
+    picture = Image.new("RGB", (width * len(panels) + gap * (len(panels) - 1), height), (255, 255, 255))
     for k, image in enumerate(panels):
         picture.paste(image, (k * (width + gap), 0))
     buf = io.BytesIO()
@@ -108,13 +124,14 @@ def write_report(job: Job, summary: dict) -> dict[str, str]:
           f"- output: `{job.spec.output_url}`",
           f"- region: {job.roi.to_dict()}, {len(job.plan)} chunks of {job.spec.chunk_size.to_list()}",
           f"- [open in Neuroglancer]({link})", "",
-          "![input | output | chunks (green merged, yellow stage 1 only, red not done)](report.png)", "",
+          "![input | output | segmentation, if any | chunks (green merged, yellow stage 1 only, red not done)]"
+          "(report.png)", "",
           "| measure | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
     files.put("report.md", "\n".join(md).encode(), content_type="text/markdown", compress=None)
     table = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     page = (f"<!doctype html><meta charset=utf-8><title>chunk_ops run {job.id}</title>"
             f"<h1>chunk_ops run {job.id}</h1><p>output <code>{html.escape(job.spec.output_url)}</code> &middot; "
             f"<a href=\"{html.escape(link)}\">open in Neuroglancer</a></p>"
-            f"<img src=report.png alt=\"input, output, chunk states\"><table>{table}</table>")
+            f"<img src=report.png alt=\"input, output, segmentation, chunk states\"><table>{table}</table>")
     files.put("report.html", page.encode(), content_type="text/html", compress=None)
     return {name: f"{job.job_url}/{name}" for name in ("report.md", "report.html", "report.png")}

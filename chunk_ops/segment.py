@@ -97,7 +97,8 @@ def adapted_rand_error(truth: np.ndarray, seg: np.ndarray) -> float:
 
     if truth.shape != seg.shape:
         raise ValueError(f"truth {truth.shape} and segmentation {seg.shape} differ in shape")
-    error, _, _ = are(truth.astype(np.uint64), seg.astype(np.uint64), ignore_labels=(0,))
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 recall when every voxel is its own segment
+        error, _, _ = are(truth.astype(np.uint64), seg.astype(np.uint64), ignore_labels=(0,))
     return float(error)
 
 

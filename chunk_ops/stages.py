@@ -99,19 +99,20 @@ def predict_into(
 
     # one batch in flight: the next is cut and the previous blended while it computes;
     # blending stays in plan order, so the sums (and bytes) do not change
-    pending = None
-    for first in range(0, len(todo), predictor.batch_size):
-        rel = [o - base for o in todo[first:first + predictor.batch_size]]
-        batch = np.stack([image[:, r.z:r.z + pin.z, r.y:r.y + pin.y, r.x:r.x + pin.x] for r in rel])
-        t0 = time.perf_counter()
-        result = predictor.submit(batch)
-        stats.infer_s += time.perf_counter() - t0
-        stats.patches += len(rel)
+    with predictor.lock:
+        pending = None
+        for first in range(0, len(todo), predictor.batch_size):
+            rel = [o - base for o in todo[first:first + predictor.batch_size]]
+            batch = np.stack([image[:, r.z:r.z + pin.z, r.y:r.y + pin.y, r.x:r.x + pin.x] for r in rel])
+            t0 = time.perf_counter()
+            result = predictor.submit(batch)
+            stats.infer_s += time.perf_counter() - t0
+            stats.patches += len(rel)
+            if pending is not None:
+                blend(*pending)
+            pending = (rel, result)
         if pending is not None:
             blend(*pending)
-        pending = (rel, result)
-    if pending is not None:
-        blend(*pending)
 
 
 def run_stage1(job: Job, chunk: Box) -> ChunkStats:

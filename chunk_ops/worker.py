@@ -11,6 +11,9 @@
   with a delay.  Permanent ones (a poison message, a bad spec) are put back at
   once, so the queue's receive limit moves them to the dead-letter queue.
 - The worker exits after the queue stays empty for ``idle_exit_s``.
+- ``tasks_in_flight`` > 1 (GPU workers): that many tasks at once in threads sharing
+  one loaded model, whose forward passes take turns (``Predictor.lock``); so one
+  task reads its input and another writes its result while the network computes.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class WorkerConfig:
     retries: int = 3
     backoff_s: float = 1.0
     max_tasks: int | None = None
+    tasks_in_flight: int = 1
     # which pool this worker belongs to (local, gpu, cpu...), recorded with each task for the report
     pool: str = field(default_factory=lambda: os.environ.get("CHUNK_OPS_POOL", "default"))
 
@@ -79,12 +83,7 @@ class _Heartbeat(threading.Thread):
         # wake often: the SIGTERM grace deadline must be met whatever the lease length
         while not self.stop_event.wait(0.2):
             if self._past_grace():
-                try:
-                    self.worker.queue.release(self.lease)
-                    _event("given_back", message=self.lease.message_id, reason="SIGTERM grace period over")
-                except LeaseLost:
-                    pass
-                os._exit(143)  # the main thread is inside the network; leave now
+                self.worker.give_back_all_and_exit("SIGTERM grace period over")
             if time.monotonic() < next_extend:
                 continue
             try:
@@ -113,6 +112,10 @@ class Worker:
         self.jobs: dict[str, Job] = {}
         self.stopping_since: float | None = None
         self.summary = WorkerSummary()
+        self._lock = threading.Lock()  # jobs, summary, held leases and the task count, across task threads
+        self._held: dict[str, Lease] = {}
+        self._exiting = threading.Lock()
+        self._handled = 0
 
     def install_signal_handlers(self) -> None:
         def on_term(signum, frame):
@@ -124,29 +127,69 @@ class Worker:
 
     def run(self) -> WorkerSummary:
         cfg = self.config
-        _event("start", queue=cfg.queue_url)
+        _event("start", queue=cfg.queue_url, tasks_in_flight=cfg.tasks_in_flight)
+        others = [threading.Thread(target=self._loop, daemon=True, name=f"task-{i}")
+                  for i in range(1, cfg.tasks_in_flight)]
+        for t in others:
+            t.start()
+        self._loop()
+        for t in others:
+            t.join()
+        _event("stop", **{k: v for k, v in vars(self.summary).items()})
+        return self.summary
+
+    def _take_turn(self) -> bool:
+        """Count one more task if ``max_tasks`` allows it."""
+        with self._lock:
+            if self.config.max_tasks is not None and self._handled >= self.config.max_tasks:
+                return False
+            self._handled += 1
+            return True
+
+    def _loop(self) -> None:
+        cfg = self.config
         idle_since = time.time()
-        handled = 0
-        while self.stopping_since is None:
-            if cfg.max_tasks is not None and handled >= cfg.max_tasks:
-                break
+        while self.stopping_since is None and self._take_turn():
             wait = min(2.0, cfg.idle_exit_s)
             leases = self.queue.receive(1, cfg.visibility_timeout_s, wait_seconds=wait)
             if not leases:
+                with self._lock:
+                    self._handled -= 1
                 if time.time() - idle_since >= cfg.idle_exit_s:
                     _event("idle_exit", idle_s=round(time.time() - idle_since, 1))
                     break
                 continue
             self.process(leases[0])
-            handled += 1
             idle_since = time.time()
-        _event("stop", **{k: v for k, v in vars(self.summary).items()})
-        return self.summary
+
+    def _count(self, what: str, stage: int | None = None) -> None:
+        with self._lock:
+            setattr(self.summary, what, getattr(self.summary, what) + 1)
+            if stage is not None:
+                self.summary.by_stage[stage] += 1
+
+    def give_back_all_and_exit(self, reason: str) -> None:
+        """Release every lease this worker holds, then exit 143 (SIGTERM grace over).
+
+        Task threads are inside the network, so the process leaves from here; the
+        heartbeat of another task in flight waits on the lock until it does.
+        """
+        with self._exiting:
+            with self._lock:
+                held = list(self._held.values())
+            for lease in held:
+                try:
+                    self.queue.release(lease)
+                    _event("given_back", message=lease.message_id, reason=reason)
+                except LeaseLost:
+                    pass
+            os._exit(143)
 
     def _job(self, task: Task) -> Job:
-        job = self.jobs.get(task.spec_url)
-        if job is None:
-            job = self.jobs[task.spec_url] = Job.from_spec_url(task.spec_url)
+        with self._lock:  # task threads share one opened job (and its loaded model)
+            job = self.jobs.get(task.spec_url)
+            if job is None:
+                job = self.jobs[task.spec_url] = Job.from_spec_url(task.spec_url)
         if job.id != task.job_id:
             raise TaskError(f"task names job {task.job_id} but {task.spec_url} is job {job.id}")
         try:
@@ -156,12 +199,16 @@ class Worker:
         return job
 
     def process(self, lease: Lease) -> None:
+        with self._lock:
+            self._held[lease.message_id] = lease
         heartbeat = _Heartbeat(self, lease)
         heartbeat.start()
         try:
             self._process(lease)
         finally:
             heartbeat.stop()
+            with self._lock:
+                self._held.pop(lease.message_id, None)
 
     def _process(self, lease: Lease) -> None:
         started = time.time()
@@ -170,18 +217,18 @@ class Worker:
             job = self._job(task)
             if job.is_done(task.stage, task.box):
                 self._delete(lease)
-                self.summary.skipped += 1
+                self._count("skipped")
                 _event("skip_done", job=task.job_id, stage=task.stage, chunk=task.box.to_filename())
                 return
             stats = self._with_retries(task, job)
         except PERMANENT as e:
-            self.summary.failed += 1
+            self._count("failed")
             _event("failed", message=lease.message_id, receive_count=lease.receive_count,
                    permanent=True, error=str(e))
             self._give_back(lease, delay_s=0)
             return
         except Exception as e:
-            self.summary.failed += 1
+            self._count("failed")
             _event("failed", message=lease.message_id, receive_count=lease.receive_count,
                    permanent=False, error=repr(e))
             self._give_back(lease, delay_s=self.config.backoff_s * 2 ** self.config.retries)
@@ -191,8 +238,7 @@ class Worker:
             "started_at": started, "finished_at": time.time(),
         })
         self._delete(lease)
-        self.summary.done += 1
-        self.summary.by_stage[task.stage] += 1
+        self._count("done", task.stage)
         _event("done", job=task.job_id, stage=task.stage, chunk=task.box.to_filename(),
                seconds=round(time.time() - started, 3), receive_count=lease.receive_count)
 
@@ -223,6 +269,6 @@ class Worker:
                 self.queue.extend(lease, delay_s)
             else:
                 self.queue.release(lease)
-            self.summary.given_back += 1
+            self._count("given_back")
         except LeaseLost:
             pass

@@ -215,3 +215,57 @@ def test_transient_errors_retry_with_backoff_then_come_back_later(make_spec, tmp
     Worker(WorkerConfig(queue.url, idle_exit_s=2.0), queue).run()  # stage 1, then the delayed merge
     assert job.done_mask(1).all() and job.done_mask(2).all()
     assert [r["receive_count"] for r in job.done_records(2)] == [2]
+
+
+class _TurnCounter:
+    """Wraps an engine; records the most forward passes that ever ran at once."""
+
+    def __init__(self, engine):
+        import threading
+
+        self.engine, self.name = engine, engine.name
+        self.running = self.most = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, batch):
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            return self.engine(batch)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def test_two_tasks_in_flight_share_one_model_and_take_turns_at_it(make_spec, tmp_path):
+    job = _slow_job(make_spec, delay_s=0.05, chunk=(16, 16, 4))
+    counter = _TurnCounter(job.predictor.engine)
+    job.predictor.engine = counter
+    queue = _queue("embedded", tmp_path)
+    enqueue_stage(job, queue, 1)
+    worker = Worker(WorkerConfig(queue.url, idle_exit_s=1.5, tasks_in_flight=2), queue)
+    worker.jobs[job.spec_url] = job  # the worker's threads use this job, and so the counting engine
+
+    summary = worker.run()
+
+    assert summary.done == len(job.plan) and job.done_mask(1).all()
+    assert counter.most == 1, "forward passes of two tasks ran at the same time"
+    spans = sorted((r["started_at"], r["finished_at"]) for r in job.done_records(1))
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), "tasks never overlapped: only one was in flight"
+    enqueue_stage(job, queue, 2)
+    Worker(WorkerConfig(queue.url, idle_exit_s=1.5, tasks_in_flight=2), queue).run()
+    assert np.abs(_read(job) - reference_pass(job)).max() <= 1e-5
+
+
+def test_sigterm_past_the_grace_period_gives_back_every_task_in_flight(make_spec, tmp_path):
+    job = _slow_job(make_spec, delay_s=3.0, chunk=(16, 16, 4), batch_size=50)
+    queue = _queue("embedded", tmp_path)
+    enqueue_stage(job, queue, 1)
+    proc = _spawn(queue.url, grace_s=1.0, visibility_timeout_s=600, extra=["--tasks-in-flight", "2"])
+    _wait_until(lambda: queue.counts().in_flight == 2, 60, "the worker to lease two tasks")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 143
+    counts = queue.counts()
+    assert (counts.visible, counts.in_flight) == (len(job.plan), 0), "both leases given back at once"
+    assert proc.stderr.read().count('"event": "given_back"') == 2

@@ -18,8 +18,11 @@ SPOT = {
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
-def worker_arguments(queue_url: str, idle_exit_s: float, lease_s: float) -> list[str]:
-    return ["worker", "--queue", queue_url, "--idle-exit", str(idle_exit_s), "--visibility-timeout", str(lease_s)]
+def worker_arguments(queue_url: str, idle_exit_s: float, lease_s: float, pool: str = "cpu") -> list[str]:
+    args = ["worker", "--queue", queue_url, "--idle-exit", str(idle_exit_s), "--visibility-timeout", str(lease_s)]
+    if pool == "gpu":  # two tasks share the GPU: one reads or writes while the other computes
+        args += ["--tasks-in-flight", "2"]
+    return args
 
 
 def pod_kwargs(pool: str, stage: int, count: int, *, job_id: str, queue_url: str, cloud: str,
@@ -30,7 +33,7 @@ def pod_kwargs(pool: str, stage: int, count: int, *, job_id: str, queue_url: str
     return [
         {
             "name": f"chunk-ops-{pool}-s{stage}-{job_id[:8]}-{i}",
-            "arguments": worker_arguments(queue_url, idle_exit_s, lease_s),
+            "arguments": worker_arguments(queue_url, idle_exit_s, lease_s, pool),
             "env_vars": {**env, "CHUNK_OPS_POOL": pool},
             "node_selector": dict(selector),
             "tolerations": [dict(t) for t in tolerations],
