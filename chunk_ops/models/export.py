@@ -35,8 +35,10 @@ def export_onnx(module, in_channels: int, input_patch_zyx: tuple[int, int, int])
     example = torch.zeros((1, in_channels, *input_patch_zyx), dtype=torch.float32)
     buffer = io.BytesIO()
     module = module.eval()
+    # the exporter's chatter (e.g. "torchvision is not installed") is not the user's business
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's progress chatter
+        warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, (example,), dynamo=True, verbose=False, opset_version=ONNX_OPSET,
             input_names=["input"], output_names=["output"],

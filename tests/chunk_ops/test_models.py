@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from chunk_ops.engines import ModelError, TorchEngine
+from chunk_ops.engines import ModelError, TorchEngine, cpu_has_bf16
 from chunk_ops.job import Job
 from chunk_ops.models.rsunet import RSUNet
 from chunk_ops.stages import run_local
@@ -80,11 +80,15 @@ def test_state_dicts_load_with_weights_only(make_spec, tmp_path):
     assert not (tmp_path / "marker").exists()
 
 
-def test_bfloat16_autocast_stays_close_to_float32():
+def test_bfloat16_autocast_stays_close_to_float32_or_is_refused_where_emulated():
     torch.manual_seed(0)
     net = RSUNet(widths=(4, 8)).eval()
     x = np.random.default_rng(0).random((2, 1, 4, 32, 32), dtype=np.float32)
     fp32 = TorchEngine(net, device="cpu", precision="float32")(x)
+    if not cpu_has_bf16():
+        with pytest.raises(ModelError, match="no bf16 units"):
+            TorchEngine(net, device="cpu", precision="bfloat16")
+        return
     bf16 = TorchEngine(net, device="cpu", precision="bfloat16")(x)
     assert fp32.dtype == bf16.dtype == np.float32
     assert 0 < np.abs(fp32 - bf16).max() < 5e-2

@@ -53,6 +53,8 @@ def test_rendered_pods_validate_strictly(dagbag, tmp_path, pool):
         assert container["args"][:3] == ["worker", "--queue", "sqs://run-42"]
         limits = container["resources"]["limits"]
         assert ("nvidia.com/gpu" in limits) == (pool == "gpu")
+        # GPU workers keep two tasks in flight, so chunk reads and writes overlap the GPU
+        assert ("--tasks-in-flight" in container["args"]) == (pool == "gpu")
         tolerations = {t["key"] for t in manifest["spec"]["tolerations"]}
         if pool == "gpu":
             assert manifest["spec"]["nodeSelector"] == {"cloud.google.com/gke-spot": "true"}
