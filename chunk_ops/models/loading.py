@@ -168,21 +168,25 @@ def load_predictor(spec: JobSpec, data: bytes | None = None) -> Predictor:
     model = spec.model
     data = read_model_bytes(model.path) if data is None else data
     engine_name = choose_engine(spec)
+    onnx = data if model.format == "onnx" else None
+    if engine_name != "pytorch" and onnx is None:
+        from .export import cached_onnx
+
+        key = {"format": model.format, "definition": model.definition, "kwargs": model.kwargs}
+        try:
+            onnx = cached_onnx(torch_module(model, data), model_sha256(data), key, model.in_channels,
+                               model.input_patch.zyx())
+        except ModelError:
+            raise
+        except Exception as e:
+            why = f"cannot export the model to ONNX for engine {engine_name!r}: {type(e).__name__}: {e}"
+            if spec.engine != "auto":
+                raise ModelError(f"{why} (inference.engine 'pytorch' runs it as it is)") from None
+            log.warning("%s; running it on PyTorch", why)  # auto: the engine that runs any module
+            engine_name = "pytorch"
     if engine_name == "pytorch":
         engine = TorchEngine(torch_module(model, data), device=spec.device, precision=spec.precision)
     else:
-        if model.format == "onnx":
-            onnx = data
-        else:
-            from .export import cached_onnx
-
-            module = torch_module(model, data)
-            key = {"format": model.format, "definition": model.definition, "kwargs": model.kwargs}
-            try:
-                onnx = cached_onnx(module, model_sha256(data), key, model.in_channels, model.input_patch.zyx())
-            except Exception as e:
-                raise ModelError(f"cannot export the model to ONNX for engine {engine_name!r} "
-                                 f"(use inference.engine 'pytorch'): {type(e).__name__}: {e}") from None
         build = _openvino_engine if engine_name == "openvino" else _onnxruntime_engine
         engine = build(spec, onnx)
     predictor = Predictor(

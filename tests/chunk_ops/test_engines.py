@@ -176,3 +176,16 @@ def test_bundled_weights_are_small_and_load_safely():
     net = RSUNet(**bundled_model_spec(path)["kwargs"])
     net.load_state_dict(state, strict=True)
     assert torch_module(_spec("pytorch").model, path.read_bytes()) is not None
+
+
+def test_auto_falls_back_to_pytorch_for_a_model_onnx_cannot_express(make_spec, caplog):
+    spec = make_spec(net="NumpyNet", net_kwargs={})
+    spec["inference"]["engine"] = "auto"
+    with caplog.at_level(logging.WARNING, logger="chunk_ops.models.loading"):
+        job = Job.open(spec)
+        job.prepare()
+    assert job.predictor.engine.name == "torch-cpu-float32"
+    assert "cannot export the model to ONNX for engine 'openvino'" in caplog.text
+    spec["inference"]["engine"] = "openvino"
+    spec["output"]["url"] += "-openvino"
+    _assert_refused_before_any_write(spec, "cannot export the model to ONNX for engine 'openvino'")

@@ -82,6 +82,27 @@ def test_dag_test_end_to_end_with_the_embedded_queue(dagbag, make_spec):
     assert sent == {"enqueue_stage1": 0, "enqueue_stage2": 0}  # a rerun skips every chunk
 
 
+def test_dag_test_segments_with_the_bundled_network_and_reports_quality(dagbag, tmp_path):
+    from chunk_ops.models.demo import write_demo_job
+    from chunk_ops.sample import write_sample
+    from chunk_ops.volume import Volume
+
+    image, truth = f"file://{tmp_path}/image", f"file://{tmp_path}/truth"
+    write_sample(image, (192, 192, 24), seed=12, labels_url=truth)
+    spec = write_demo_job(tmp_path, image, f"file://{tmp_path}/affinities", truth)
+    spec["chunk_size"] = [128, 128, 24]
+    spec["workers"] = {"local": 1, "idle_exit_s": 1}
+    run = _run(dagbag.get_dag("chunkflow_inference"), spec)
+    assert run.state == "success", run.state
+    report = next(ti for ti in run.get_task_instances() if ti.task_id == "report").xcom_pull(task_ids="report")
+    seg = report["segmentation"]
+    assert seg["method"] == "watershed" and seg["adapted_rand_error"] <= 0.10
+    labels = Volume(seg["url"], 0)
+    assert labels.dtype == np.uint32 and labels.read(labels.bounds).max() == seg["segments"]
+    job_dir = Path(str(tmp_path)) / "affinities" / "jobs"
+    assert "segmentation adapted_rand_error" in next(job_dir.glob("*/report.md")).read_text()
+
+
 def test_dag_test_end_to_end_with_sqs_through_an_airflow_connection(dagbag, make_spec, moto_sqs, monkeypatch):
     """Only the connection's endpoint_url extra points at the SQS server (moto)."""
     from chunk_ops.job import Job
