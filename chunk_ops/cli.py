@@ -135,8 +135,9 @@ def submit(job: dict, queue_url: str | None, stage: str, max_receives: int) -> N
 @click.option("--max-tasks", type=click.IntRange(min=1), default=None, help="exit after this many tasks")
 @click.option("--pool", envvar="CHUNK_OPS_POOL", default="default", show_default=True,
               help="pool name recorded with each task (env CHUNK_OPS_POOL)")
-@click.option("--tasks-in-flight", type=click.IntRange(min=1), default=1, show_default=True,
-              help="tasks at once, sharing the model: reads and writes overlap the network (GPU workers: 2)")
+@click.option("--tasks-in-flight", type=click.IntRange(min=0), default=0, show_default=True,
+              help="tasks at once, sharing the model, so reads and writes overlap the network; "
+                   "0: 2 on a machine with a CUDA GPU, else 1")
 def worker(queue_url: str, visibility_timeout: float, idle_exit: float, grace: float,
            max_tasks: int | None, pool: str, tasks_in_flight: int) -> None:
     """Lease tasks from the queue and do them until it stays empty."""

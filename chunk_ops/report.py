@@ -116,6 +116,9 @@ def write_report(job: Job, summary: dict) -> dict[str, str]:
     files.put("report.png", section_picture(job), content_type="image/png", compress=None)
     link = neuroglancer_link(job)
     rows = [(k, v) for k, v in summary.items() if not isinstance(v, dict)]
+    for pool, work in (summary.get("per_pool") or {}).items():
+        rows.append((f"pool {pool}", ", ".join(f"{k} {', '.join(v) if isinstance(v, list) else v}"
+                                              for k, v in work.items())))
     for section in ("stage1", "stage2", "segmentation"):
         for k, v in (summary.get(section) or {}).items():
             rows.append((f"{section} {k}", round(v, 4) if isinstance(v, float) else v))

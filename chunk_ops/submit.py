@@ -128,6 +128,8 @@ def report_from_markers(job: Job, wall_s: float | None = None) -> RunReport:
             pool["tasks"] += 1
             pool["voxels"] += record["voxels"]
             pool["seconds"] = round(pool["seconds"] + record["finished_at"] - record["started_at"], 3)
+            if "engine" in record and record["engine"] not in pool.setdefault("engines", []):
+                pool["engines"].append(record["engine"])
     report.patches_evaluated = report.stage1.patches
     report.wall_s = wall_s if wall_s is not None else max(0.0, last - first)
     return report

@@ -46,7 +46,7 @@ class WorkerConfig:
     retries: int = 3
     backoff_s: float = 1.0
     max_tasks: int | None = None
-    tasks_in_flight: int = 1
+    tasks_in_flight: int = 1  # 0: 2 where a CUDA GPU is, else 1
     # which pool this worker belongs to (local, gpu, cpu...), recorded with each task for the report
     pool: str = field(default_factory=lambda: os.environ.get("CHUNK_OPS_POOL", "default"))
 
@@ -127,9 +127,14 @@ class Worker:
 
     def run(self) -> WorkerSummary:
         cfg = self.config
-        _event("start", queue=cfg.queue_url, tasks_in_flight=cfg.tasks_in_flight)
+        in_flight = cfg.tasks_in_flight
+        if in_flight == 0:
+            import torch
+
+            in_flight = 2 if torch.cuda.is_available() else 1
+        _event("start", queue=cfg.queue_url, tasks_in_flight=in_flight)
         others = [threading.Thread(target=self._loop, daemon=True, name=f"task-{i}")
-                  for i in range(1, cfg.tasks_in_flight)]
+                  for i in range(1, in_flight)]
         for t in others:
             t.start()
         self._loop()
@@ -236,6 +241,7 @@ class Worker:
         job.mark_done(task.stage, task.box, {
             **stats.to_dict(), "worker": WORKER_NAME, "pool": self.config.pool, "receive_count": lease.receive_count,
             "started_at": started, "finished_at": time.time(),
+            **({"engine": job.predictor.engine.name} if task.stage == 1 else {}),  # merges run no network
         })
         self._delete(lease)
         self._count("done", task.stage)

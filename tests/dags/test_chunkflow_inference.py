@@ -95,6 +95,7 @@ def test_dag_test_segments_with_the_bundled_network_and_reports_quality(dagbag, 
     run = _run(dagbag.get_dag("chunkflow_inference"), spec)
     assert run.state == "success", run.state
     report = next(ti for ti in run.get_task_instances() if ti.task_id == "report").xcom_pull(task_ids="report")
+    assert report["per_pool"]["local"]["engines"] == ["openvino-cpu-float32"]  # auto on a CPU worker
     seg = report["segmentation"]
     assert seg["method"] == "watershed" and seg["adapted_rand_error"] <= 0.10
     labels = Volume(seg["url"], 0)
