@@ -37,8 +37,10 @@ def airflow_db():
     return AIRFLOW_HOME
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def dagbag(airflow_db):
+    """Parsed anew for each test: dag.test() merges run_conf into the Param objects the DAG
+    and its tasks share, so one test's conf would leak into the next test's runs."""
     from airflow.dag_processing.dagbag import DagBag
 
     return DagBag(dag_folder=str(REPO / "dags"))
