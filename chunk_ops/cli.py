@@ -79,7 +79,7 @@ def validate(job: dict) -> None:
         opened.predictor  # loads the model and runs it once on zeros
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(json.dumps({"valid": True, **_summary(opened)}, indent=2))
+    click.echo(json.dumps({"valid": True, **_summary(opened), "engine_here": opened.predictor.engine.name}, indent=2))
 
 
 @main.command()

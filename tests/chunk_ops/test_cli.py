@@ -30,6 +30,7 @@ def test_validate_then_run(make_spec, tmp_path):
     assert checked.returncode == 0, checked.stderr
     summary = json.loads(checked.stdout)
     assert summary["valid"] is True and summary["chunks"] == 3 * 3 * 3
+    assert summary["engine_here"] == "torch-cpu-float32"  # the spec asks for engine pytorch
     assert not out_dir.exists(), "validate must not write"
 
     ran = _chunk_ops("run", str(job_file), cwd=tmp_path)
@@ -101,3 +102,34 @@ def test_submit_workers_and_status_over_sqs(make_spec, tmp_path, moto_sqs):
 
     job = Job.open(spec)
     assert np.abs(Volume(spec["output"]["url"], 0).read(job.roi) - reference_pass(job)).max() <= 1e-5
+
+
+def test_sample_with_labels_then_evaluate(tmp_path):
+    made = _chunk_ops("sample", f"file://{tmp_path}/em", "--shape", "64", "64", "8", "--labels",
+                      f"file://{tmp_path}/truth", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    same = _chunk_ops("evaluate", f"file://{tmp_path}/truth", f"file://{tmp_path}/truth", cwd=tmp_path)
+    assert same.returncode == 0, same.stderr
+    assert json.loads(same.stdout) == {"adapted_rand_error": 0.0, "voxels": 64 * 64 * 8}
+    _chunk_ops("sample", f"file://{tmp_path}/other", "--shape", "64", "64", "4", cwd=tmp_path)
+    bad = _chunk_ops("evaluate", f"file://{tmp_path}/other", f"file://{tmp_path}/truth", cwd=tmp_path)
+    assert bad.returncode == 1 and "differ from" in bad.stderr
+
+
+def test_export_onnx_writes_a_model_that_runs_the_same_job(tmp_path):
+    import onnx
+
+    from chunk_ops.models.demo import write_demo_job
+
+    spec = write_demo_job(tmp_path, "file:///unused", "file:///unused-out")
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(spec))
+    made = _chunk_ops("export-onnx", str(job_file), str(tmp_path / "net.onnx"), cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    graph = onnx.load(str(tmp_path / "net.onnx")).graph
+    dims = [d.dim_value or d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [1, 16, 128, 128] and isinstance(dims[0], str)  # patch fixed, batch free
+    spec["model"] = {**spec["model"], "path": str(tmp_path / "net.onnx"), "format": "onnx"}
+    job_file.write_text(json.dumps(spec))
+    again = _chunk_ops("export-onnx", str(job_file), str(tmp_path / "again.onnx"), cwd=tmp_path)
+    assert again.returncode == 1 and "is ONNX already" in again.stderr
