@@ -208,16 +208,22 @@ def sample(url: str, shape, seed: int, block_size, labels_url: str | None) -> No
 def evaluate(segmentation: str, truth: str) -> None:
     """Adapted Rand error of a SEGMENTATION layer against a TRUTH layer (label 0 ignored)."""
     from .segment import adapted_rand_error
+
+    seg, gt = _read_layer_pair(segmentation, truth)
+    click.echo(json.dumps({"adapted_rand_error": round(adapted_rand_error(gt, seg), 4), "voxels": seg.size}))
+
+
+def _read_layer_pair(url: str, truth_url: str):
+    """Two single-channel layers with the same bounds, read whole as (z, y, x) arrays."""
     from .volume import Volume, VolumeError
 
     try:
-        seg, gt = Volume(segmentation, 0), Volume(truth, 0)
-        if seg.bounds != gt.bounds:
-            raise click.ClickException(f"{segmentation} bounds {seg.bounds} differ from {truth} bounds {gt.bounds}")
-        error = adapted_rand_error(gt.read(gt.bounds)[0], seg.read(seg.bounds)[0])
+        layer, truth = Volume(url, 0), Volume(truth_url, 0)
+        if layer.bounds != truth.bounds:
+            raise click.ClickException(f"{url} bounds {layer.bounds} differ from {truth_url} bounds {truth.bounds}")
+        return layer.read(layer.bounds)[0], truth.read(truth.bounds)[0]
     except VolumeError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(json.dumps({"adapted_rand_error": round(error, 4), "voxels": seg.bounds.size}))
 
 
 @main.command()
@@ -295,19 +301,7 @@ def train(out: Path, steps: int | None, seed: int, images, labels) -> None:
         cfg = dataclasses.replace(cfg, steps=steps)
     started = time.perf_counter()
     if images:
-        from .volume import Volume
-
-        from .volume import VolumeError
-
-        volumes = []
-        for image_url, labels_url in zip(images, labels):
-            try:
-                image, truth = Volume(image_url, 0), Volume(labels_url, 0)
-            except VolumeError as e:
-                raise click.ClickException(str(e)) from None
-            if image.bounds != truth.bounds:
-                raise click.BadParameter(f"{image_url} bounds {image.bounds} differ from {labels_url} {truth.bounds}")
-            volumes.append((image.read(image.bounds)[0], truth.read(truth.bounds)[0]))
+        volumes = [_read_layer_pair(image_url, labels_url) for image_url, labels_url in zip(images, labels)]
         cfg = dataclasses.replace(cfg, synthetic_seeds=())
     else:
         volumes = synthetic_volumes(cfg)

@@ -196,8 +196,11 @@ class OpenVinoEngine:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         n = len(batch)
-        x = np.zeros(self.input_shape, np.float32)
-        x[:n] = batch
+        if n == self.input_shape[0]:
+            x = np.ascontiguousarray(batch, dtype=np.float32)
+        else:  # the last, partial batch of a chunk: pad, rather than compile a second shape
+            x = np.zeros(self.input_shape, np.float32)
+            x[:n] = batch
         out = self.request.infer({0: x})[0]
         return np.array(out[:n], dtype=np.float32)
 

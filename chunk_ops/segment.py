@@ -24,15 +24,22 @@ import numpy as np
 METHODS = ("components", "watershed")
 
 
+CHANNEL_AXES = (2, 1, 0)  # affinity channels x, y, z are numpy axes 2, 1, 0 of (z, y, x)
+
+
+def _voxels_and_lower_neighbours(axis: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Index of every voxel that has a lower neighbour along ``axis``, and of those neighbours."""
+    here, below = [slice(None)] * 3, [slice(None)] * 3
+    here[axis], below[axis] = slice(1, None), slice(None, -1)
+    return tuple(here), tuple(below)
+
+
 def label_affinities(labels: np.ndarray) -> np.ndarray:
     """float32 (3, z, y, x) affinities (x, y, z) of a (z, y, x) label image; 0 is never connected."""
     affs = np.zeros((3, *labels.shape), np.float32)
-    for channel, axis in enumerate((2, 1, 0)):
-        here = [slice(None)] * 3
-        below = [slice(None)] * 3
-        here[axis], below[axis] = slice(1, None), slice(None, -1)
-        a, b = labels[tuple(here)], labels[tuple(below)]
-        affs[(channel, *here)] = (a == b) & (a != 0)
+    for channel, axis in enumerate(CHANNEL_AXES):
+        here, below = _voxels_and_lower_neighbours(axis)
+        affs[(channel, *here)] = (labels[here] == labels[below]) & (labels[here] != 0)
     return affs
 
 
@@ -52,14 +59,11 @@ def components(affs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     # cc3d's 6-way voxel connectivity graph names numpy axis 0 "x": axis k has
     # bit 1 << 2k towards +k and bit 2 << 2k towards -k
     graph = np.zeros(affs.shape[1:], np.uint8)
-    for channel, axis in enumerate((2, 1, 0)):
-        plus, minus = 1 << (2 * axis), 2 << (2 * axis)
-        edge = affs[channel] > threshold  # the first slice has no lower neighbour: unused
-        here = [slice(None)] * 3
-        below = [slice(None)] * 3
-        here[axis], below[axis] = slice(1, None), slice(None, -1)
-        graph[tuple(here)] |= np.where(edge[tuple(here)], np.uint8(minus), np.uint8(0))
-        graph[tuple(below)] |= np.where(edge[tuple(here)], np.uint8(plus), np.uint8(0))
+    for channel, axis in enumerate(CHANNEL_AXES):
+        here, below = _voxels_and_lower_neighbours(axis)  # the first slice has no lower neighbour
+        edge = (affs[channel][here] > threshold).astype(np.uint8)
+        graph[here] |= edge * np.uint8(2 << (2 * axis))   # towards -axis
+        graph[below] |= edge * np.uint8(1 << (2 * axis))  # towards +axis
     return cc3d.color_connectivity_graph(graph, connectivity=6).astype(np.uint32)
 
 
