@@ -124,12 +124,27 @@ def submit(job: dict, queue_url: str | None, stage: str, max_receives: int) -> N
                            "skipped_done": len(opened.plan) - sent, "spec_url": opened.spec_url}, indent=2))
 
 
+def _open_worker_queue(url: str, create: bool):
+    """The queue; with ``create``, made first if missing (an existing one keeps its receive limit)."""
+    from .queues import open_queue
+
+    try:
+        return open_queue(url)
+    except ValueError:
+        if not create:
+            raise
+        return open_queue(url, create=True)
+
+
 @main.command()
 @click.option("--queue", "queue_url", required=True, help="sqs://NAME or file:///path/queue.sqlite")
 @click.option("--visibility-timeout", type=float, default=60.0, show_default=True,
               help="lease length in seconds; a heartbeat renews it while a task runs")
 @click.option("--idle-exit", type=float, default=30.0, show_default=True,
-              help="exit after the queue stays empty this many seconds")
+              help="exit after the queue stays empty this many seconds ('inf': a standing worker)")
+@click.option("--create-queue", is_flag=True,
+              help="make the queue (and its dead-letter queue) if it does not exist yet: a standing "
+                   "worker may start before the first job is submitted")
 @click.option("--grace", type=float, default=25.0, show_default=True,
               help="after SIGTERM, seconds to finish the current task before giving it back")
 @click.option("--max-tasks", type=click.IntRange(min=1), default=None, help="exit after this many tasks")
@@ -138,7 +153,7 @@ def submit(job: dict, queue_url: str | None, stage: str, max_receives: int) -> N
 @click.option("--tasks-in-flight", type=click.IntRange(min=0), default=0, show_default=True,
               help="tasks at once, sharing the model, so reads and writes overlap the network; "
                    "0: 2 on a machine with a CUDA GPU, else 1")
-def worker(queue_url: str, visibility_timeout: float, idle_exit: float, grace: float,
+def worker(queue_url: str, visibility_timeout: float, idle_exit: float, create_queue: bool, grace: float,
            max_tasks: int | None, pool: str, tasks_in_flight: int) -> None:
     """Lease tasks from the queue and do them until it stays empty."""
     import logging
@@ -148,7 +163,8 @@ def worker(queue_url: str, visibility_timeout: float, idle_exit: float, grace: f
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         w = Worker(WorkerConfig(queue_url, visibility_timeout_s=visibility_timeout, idle_exit_s=idle_exit,
-                                grace_s=grace, max_tasks=max_tasks, pool=pool, tasks_in_flight=tasks_in_flight))
+                                grace_s=grace, max_tasks=max_tasks, pool=pool, tasks_in_flight=tasks_in_flight),
+                   _open_worker_queue(queue_url, create_queue))
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     w.install_signal_handlers()

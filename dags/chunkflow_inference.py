@@ -7,8 +7,9 @@ Runs one chunk_ops job: the trigger form's fields are the job spec
 1. **validate** the spec against the volumes and the model (nothing written on error);
 2. **prepare** the output layer and store the spec next to it;
 3. **stage 1**: enqueue a task per chunk not done yet; local worker tasks, GPU pods and
-   CPU pods (spot/preemptible node pools) drain the queue side by side; a deferrable
-   sensor waits for every chunk's done marker;
+   CPU pods (spot/preemptible node pools) drain the queue side by side, with standing
+   workers outside Airflow (`workers.standing`: the docker-compose `worker` service) if
+   any; a deferrable sensor waits for every chunk's done marker;
 4. **stage 2** (merge, no GPU): the same with local and CPU workers only;
 5. **verify** every chunk, remove the scratch, **segment** (postprocess.segmentation); build the downsampled **pyramid**;
 6. **report**: summary in the log and XCom; Markdown/HTML with a picture and a
@@ -50,10 +51,14 @@ with DAG(
     def validate(params: dict | None = None) -> dict:
         """Parse the spec and open the job: volumes, region, model (one forward pass)."""
         from chunk_ops.job import Job
+        from chunk_ops.spec import section_with_defaults
+        from chunk_ops.submit import default_queue_url
         from chunkflow_airflow.utils.params import spec_from_params
+        from chunkflow_airflow.utils.pods import check_pools
 
         document = spec_from_params(params)
         job = Job.open(document)
+        check_pools(section_with_defaults("workers", document.get("workers")), default_queue_url(job))
         job.predictor  # loads the model and checks it on one patch
         return document
 

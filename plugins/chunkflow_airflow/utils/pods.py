@@ -17,6 +17,23 @@ SPOT = {
 }
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
+# The worker image's user (images/worker/Dockerfile); pods never run as root.
+WORKER_UID = 10001
+POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "runAsUser": WORKER_UID, "runAsGroup": WORKER_UID,
+                        "fsGroup": WORKER_UID, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def check_pools(workers: dict, queue_url: str) -> None:
+    """Refuse a run that no worker would serve: its sensors would wait forever."""
+    if workers["local"] or workers["gpu"]["max"] or workers["cpu"]["max"] or workers["standing"]:
+        return
+    raise ValueError(
+        f"workers: no pool would take the tasks of queue {queue_url} (local 0, gpu.max 0, cpu.max 0, "
+        "standing false); set workers.standing to true if workers outside Airflow (the docker-compose "
+        "worker service) poll that queue"
+    )
+
 
 def worker_arguments(queue_url: str, idle_exit_s: float, lease_s: float, pool: str = "cpu") -> list[str]:
     args = ["worker", "--queue", queue_url, "--idle-exit", str(idle_exit_s), "--visibility-timeout", str(lease_s)]
@@ -38,6 +55,8 @@ def pod_kwargs(pool: str, stage: int, count: int, *, job_id: str, queue_url: str
             "node_selector": dict(selector),
             "tolerations": [dict(t) for t in tolerations],
             "labels": {"app": "chunk-ops-worker", "pool": pool, "job": job_id[:16], "stage": str(stage)},
+            "security_context": dict(POD_SECURITY_CONTEXT),
+            "container_security_context": dict(CONTAINER_SECURITY_CONTEXT),
         }
         for i in range(count)
     ]
