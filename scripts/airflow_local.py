@@ -21,7 +21,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,65 +46,27 @@ def airflow_env(home: Path, port: int, extra: dict[str, str] | None = None) -> d
     }
 
 
-@dataclass
-class LocalAirflow:
-    home: Path
-    port: int
-    extra_env: dict[str, str] | None = None
-    process: subprocess.Popen | None = None
-    token: str | None = None
+class AirflowApi:
+    """Airflow 3's REST API at ``url``: log in, trigger a DAG, watch its runs.
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    Serves the local standalone Airflow below and the docker-compose stack alike.
+    """
 
-    @property
-    def pid_file(self) -> Path:
-        return self.home / "standalone.pid"
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.token: str | None = None
 
-    def start(self, timeout_s: float = 240) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        log = open(self.home / "standalone.log", "ab")
-        self.process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("airflow")), "standalone"],
-            env=airflow_env(self.home, self.port, self.extra_env), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.pid_file.write_text(str(self.process.pid))
-        deadline = time.time() + timeout_s
-        while not self._healthy():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"airflow standalone exited; see {self.home / 'standalone.log'}")
-            if time.time() > deadline:
-                raise RuntimeError(f"airflow standalone not healthy after {timeout_s}s; see {self.home / 'standalone.log'}")
-            time.sleep(2)
-        self.login()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_group(self.process.pid)
-            self.process.wait(10)
-
-
-    def _healthy(self) -> bool:
+    def healthy(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=5) as r:
                 return json.load(r)["metadatabase"]["status"] == "healthy"
         except (OSError, ValueError, KeyError):
             return False
 
-    def login(self) -> None:
-        passwords = self.home / "simple_auth_manager_passwords.json.generated"
-        deadline = time.time() + 60
-        while not passwords.exists():
-            if time.time() > deadline:
-                raise RuntimeError(f"{passwords} was not written")
-            time.sleep(1)
-        users = json.loads(passwords.read_text())
-        username, password = next(iter(users.items()))
+    def login(self, username: str, password: str) -> None:
         status, body = self.request("POST", "/auth/token", {"username": username, "password": password}, auth=False)
         if status not in (200, 201):
-            raise RuntimeError(f"login failed: HTTP {status} {body}")
+            raise RuntimeError(f"login as {username!r} failed: HTTP {status} {body}")
         self.token = body["access_token"]
 
     def request(self, method: str, path: str, payload: dict | None = None, auth: bool = True) -> tuple[int, dict]:
@@ -164,6 +125,53 @@ class LocalAirflow:
         for ti in body.get("task_instances", []):
             states[ti["state"] or "none"] = states.get(ti["state"] or "none", 0) + 1
         return states
+
+
+class LocalAirflow(AirflowApi):
+    """``airflow standalone`` of this checkout, in the background, in its own process group."""
+
+    def __init__(self, home: Path, port: int, extra_env: dict[str, str] | None = None):
+        super().__init__(f"http://127.0.0.1:{port}")
+        self.home, self.port, self.extra_env = home, port, extra_env
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def pid_file(self) -> Path:
+        return self.home / "standalone.pid"
+
+    def start(self, timeout_s: float = 240) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = open(self.home / "standalone.log", "ab")
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("airflow")), "standalone"],
+            env=airflow_env(self.home, self.port, self.extra_env), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.pid_file.write_text(str(self.process.pid))
+        deadline = time.time() + timeout_s
+        while not self.healthy():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"airflow standalone exited; see {self.home / 'standalone.log'}")
+            if time.time() > deadline:
+                raise RuntimeError(f"airflow standalone not healthy after {timeout_s}s; see {self.home / 'standalone.log'}")
+            time.sleep(2)
+        self.login_generated()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_group(self.process.pid)
+            self.process.wait(10)
+
+    def login_generated(self) -> None:
+        """Log in with the password that standalone generated."""
+        passwords = self.home / "simple_auth_manager_passwords.json.generated"
+        deadline = time.time() + 60
+        while not passwords.exists():
+            if time.time() > deadline:
+                raise RuntimeError(f"{passwords} was not written")
+            time.sleep(1)
+        username, password = next(iter(json.loads(passwords.read_text()).items()))
+        self.login(username, password)
 
 
 def stop_group(pid: int) -> None:

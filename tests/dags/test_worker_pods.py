@@ -13,37 +13,15 @@ from pathlib import Path
 
 import pytest
 
-
-def _pods(dag, stage: int, pool: str, queue_url: str, env: dict, count: int = 2):
-    """KubernetesPodOperators built from the DAG's own partial and the sizing code's kwargs."""
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-    from chunkflow_airflow.utils.pods import pod_kwargs
-
-    mapped = dag.get_task(f"{pool}_pool_stage{stage}")
-    partial = {k: v for k, v in mapped.partial_kwargs.items() if k not in ("task_id", "dag")}
-    pods = []
-    for i, kw in enumerate(pod_kwargs(pool, stage, count, job_id="0123456789abcdef", queue_url=queue_url,
-                                      cloud="gke" if pool == "gpu" else "eks", idle_exit_s=30, lease_s=60,
-                                      env=env)):
-        op = KubernetesPodOperator(task_id=f"render_{pool}_{i}", image="chunk-ops-worker:1.0",
-                                   namespace="connectomics", **partial, **kw)
-        pods.append(op.build_pod_request_obj(dry_run=True))
-    return pods
-
-
-def _manifest(pod) -> dict:
-    from kubernetes.client import ApiClient
-
-    return ApiClient().sanitize_for_serialization(pod)
+from tests.dags.rendered_pods import render_pods
 
 
 @pytest.mark.parametrize("pool", ["gpu", "cpu"])
 def test_rendered_pods_validate_strictly(dagbag, tmp_path, pool):
     dag = dagbag.get_dag("chunkflow_inference")
-    pods = _pods(dag, 1, pool, "sqs://run-42", {"AWS_DEFAULT_REGION": "us-east-1"})
+    manifests = render_pods(dag, 1, pool, "sqs://run-42", {"AWS_DEFAULT_REGION": "us-east-1"})
     validate = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent))
-    for pod in pods:
-        manifest = _manifest(pod)
+    for manifest in manifests:
         path = tmp_path / f"{manifest['metadata']['name']}.json"
         path.write_text(json.dumps(manifest))
         result = subprocess.run([validate, "--strict", str(path)], capture_output=True, text=True, timeout=120)
@@ -55,6 +33,12 @@ def test_rendered_pods_validate_strictly(dagbag, tmp_path, pool):
         assert ("nvidia.com/gpu" in limits) == (pool == "gpu")
         # GPU workers keep two tasks in flight, so chunk reads and writes overlap the GPU
         assert ("--tasks-in-flight" in container["args"]) == (pool == "gpu")
+        # never root; SIGKILL comes after the worker's own grace period has passed
+        assert manifest["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert manifest["spec"]["securityContext"]["runAsUser"] != 0
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        grace = float(container["args"][container["args"].index("--grace") + 1])
+        assert manifest["spec"]["terminationGracePeriodSeconds"] > grace
         tolerations = {t["key"] for t in manifest["spec"]["tolerations"]}
         if pool == "gpu":
             assert manifest["spec"]["nodeSelector"] == {"cloud.google.com/gke-spot": "true"}
@@ -62,7 +46,7 @@ def test_rendered_pods_validate_strictly(dagbag, tmp_path, pool):
         else:
             assert manifest["spec"]["nodeSelector"] == {"eks.amazonaws.com/capacityType": "SPOT"}
             assert "nvidia.com/gpu" not in tolerations
-    assert len({_manifest(p)["metadata"]["name"] for p in pods}) == len(pods)
+    assert len({m["metadata"]["name"] for m in manifests}) == len(manifests)
 
 
 def test_a_pods_command_and_env_process_tasks_from_sqs(dagbag, make_spec, moto_sqs, tmp_path):
@@ -76,7 +60,7 @@ def test_a_pods_command_and_env_process_tasks_from_sqs(dagbag, make_spec, moto_s
     queue = open_queue(f"sqs://pods-{uuid.uuid4().hex[:10]}", create=True)
     assert enqueue_stage(job, queue, 1) == len(job.plan)
     env = {"AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_SQS": moto_sqs}
-    manifest = _manifest(_pods(dagbag.get_dag("chunkflow_inference"), 1, "cpu", queue.url, env, count=1)[0])
+    (manifest,) = render_pods(dagbag.get_dag("chunkflow_inference"), 1, "cpu", queue.url, env, count=1)
     container = manifest["spec"]["containers"][0]
     pod_env = {e["name"]: e["value"] for e in container["env"]}
     assert pod_env == {**env, "CHUNK_OPS_POOL": "cpu"}

@@ -35,8 +35,15 @@ def check_pools(workers: dict, queue_url: str) -> None:
     )
 
 
+# A preempted pod gets SIGTERM, then SIGKILL after this many seconds (spot nodes give about
+# 30 s of notice); the worker finishes or gives back its task within WORKER_GRACE_S of it.
+TERMINATION_GRACE_S = 30
+WORKER_GRACE_S = 20
+
+
 def worker_arguments(queue_url: str, idle_exit_s: float, lease_s: float, pool: str = "cpu") -> list[str]:
-    args = ["worker", "--queue", queue_url, "--idle-exit", str(idle_exit_s), "--visibility-timeout", str(lease_s)]
+    args = ["worker", "--queue", queue_url, "--idle-exit", str(idle_exit_s), "--visibility-timeout", str(lease_s),
+            "--grace", str(WORKER_GRACE_S)]
     if pool == "gpu":  # two tasks share the GPU: one reads or writes while the other computes
         args += ["--tasks-in-flight", "2"]
     return args
@@ -57,6 +64,7 @@ def pod_kwargs(pool: str, stage: int, count: int, *, job_id: str, queue_url: str
             "labels": {"app": "chunk-ops-worker", "pool": pool, "job": job_id[:16], "stage": str(stage)},
             "security_context": dict(POD_SECURITY_CONTEXT),
             "container_security_context": dict(CONTAINER_SECURITY_CONTEXT),
+            "termination_grace_period": TERMINATION_GRACE_S,
         }
         for i in range(count)
     ]
