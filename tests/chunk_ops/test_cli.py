@@ -133,3 +133,12 @@ def test_export_onnx_writes_a_model_that_runs_the_same_job(tmp_path):
     job_file.write_text(json.dumps(spec))
     again = _chunk_ops("export-onnx", str(job_file), str(tmp_path / "again.onnx"), cwd=tmp_path)
     assert again.returncode == 1 and "is ONNX already" in again.stderr
+
+
+def test_a_standing_worker_makes_its_queue_only_when_asked(tmp_path):
+    url = f"file://{tmp_path}/standing.sqlite"
+    refused = _chunk_ops("worker", "--queue", url, "--idle-exit", "0.5", cwd=tmp_path)
+    assert refused.returncode != 0 and url in refused.stderr and not (tmp_path / "standing.sqlite").exists()
+    made = _chunk_ops("worker", "--queue", url, "--idle-exit", "0.5", "--create-queue", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "standing.sqlite").exists()
