@@ -52,12 +52,19 @@ def test_cpu_engines_match_pytorch_at_float32(patches, pytorch_fp32, engine):
     assert np.abs(out - pytorch_fp32).max() <= 1e-4
 
 
-def test_openvino_bfloat16_stays_within_5e_3_and_says_what_it_ran(patches, pytorch_fp32):
+def test_openvino_bfloat16_keeps_the_affinities_and_says_what_it_ran(patches, pytorch_fp32):
     predictor = load_predictor(_spec("openvino", "bfloat16"))
     out = predictor(patches)
-    assert np.abs(out - pytorch_fp32).max() <= 5e-3
+    diff = np.abs(out - pytorch_fp32)
     if predictor.engine.precision != "bfloat16":  # a CPU without bf16 units runs float32
         assert "no bfloat16 support" in predictor.engine.name
+        assert diff.max() <= 5e-3
+        return
+    # real bf16 (8-bit mantissa): measured on an avx512_bf16 CPU, max 0.032, mean 1.7e-4,
+    # 1.3e-4 of the voxels on the other side of 0.5. What that does to the segmentation
+    # is the measure that matters (issue 12); these bounds catch a broken conversion.
+    assert diff.max() <= 0.1 and diff.mean() <= 1e-3
+    assert np.mean((out > 0.5) != (pytorch_fp32 > 0.5)) <= 1e-3
 
 
 def test_a_partial_last_batch_gives_the_same_patches(patches):
