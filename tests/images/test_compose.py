@@ -7,8 +7,9 @@ leaves nothing behind."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -35,9 +36,6 @@ def _compose_binary() -> str:
 
 
 def test_a_job_triggered_over_rest_runs_on_the_compose_workers(docker, images, tmp_path):
-    import subprocess
-    import time
-
     data = tmp_path / "data"
     data.mkdir()
     port = free_port()
@@ -50,11 +48,9 @@ def test_a_job_triggered_over_rest_runs_on_the_compose_workers(docker, images, t
     project = f"chunkops{uuid.uuid4().hex[:8]}"
     compose = [_compose_binary(), "--project-name", project, "--file", str(REPO / "docker-compose.yaml"),
                "--env-file", str(env_file)]
-    # docker-compose 1.29 talks to the engine that the docker fixture made answer
-    run_env = {**os.environ, "COMPOSE_INTERACTIVE_NO_CLI": "1"}
 
     def compose_run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        result = subprocess.run([*compose, *args], capture_output=True, text=True, timeout=timeout, env=run_env)
+        result = subprocess.run([*compose, *args], capture_output=True, text=True, timeout=timeout)
         assert result.returncode == 0, f"docker-compose {' '.join(args)}:\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
         return result
 
@@ -82,7 +78,7 @@ def test_a_job_triggered_over_rest_runs_on_the_compose_workers(docker, images, t
         state = api.wait_for_run(run["dag_run_id"], timeout_s=900)
         assert state == "success", compose_run("logs", "--tail", "80", "scheduler", "worker").stdout[-6000:]
     finally:
-        logs = subprocess.run([*compose, "logs", "--no-color"], capture_output=True, text=True, env=run_env)
+        logs = subprocess.run([*compose, "logs", "--no-color"], capture_output=True, text=True)
         (tmp_path / "compose.log").write_text(logs.stdout + logs.stderr)
         compose_run("down", "--volumes", "--remove-orphans", timeout=300)
 

@@ -3,8 +3,8 @@ matches the whole-volume reference; no image runs as root or carries a secret.""
 
 from __future__ import annotations
 
+import subprocess
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,8 +84,6 @@ def _stream_contains(stream, needles: list[bytes], chunk: int = 1 << 20) -> set[
 
 def test_no_image_carries_a_secret_of_the_example_env_file(docker, images):
     """Not in the build history, the image config, or any file of the image."""
-    import subprocess
-
     secrets = _example_secrets()
     needles = [v.encode() for v in secrets.values()]
     for image in (images.worker, images.airflow, images.sqs, images.postgres):
