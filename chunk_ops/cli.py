@@ -106,10 +106,11 @@ def run(job: dict, workers: int, queue_url: str | None) -> None:
 @job_queue_option
 @click.option("--stage", type=click.Choice(["1", "2"]), default="1", show_default=True)
 @click.option("--max-receives", type=click.IntRange(min=1), default=5, show_default=True,
-              help="receives before a task goes to the dead-letter queue (new queues)")
+              help="receives before a task goes to the dead-letter queue (new queues; an existing "
+                   "queue keeps its limit)")
 def submit(job: dict, queue_url: str | None, stage: str, max_receives: int) -> None:
     """Prepare JOB (stage 1) and enqueue the stage's tasks that are not done yet."""
-    from .queues import open_queue
+    from .queues.stages import StageQueues
     from .submit import default_queue_url, enqueue_stage
 
     opened = _open_job(job)
@@ -117,23 +118,23 @@ def submit(job: dict, queue_url: str | None, stage: str, max_receives: int) -> N
         if stage == "1":
             opened.prepare()
         url = queue_url or default_queue_url(opened)
-        sent = enqueue_stage(opened, open_queue(url, create=True, max_receives=max_receives), int(stage))
+        sent = enqueue_stage(opened, StageQueues(url, create=True, max_receives=max_receives), int(stage))
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps({**_summary(opened), "queue": url, "stage": int(stage), "sent": sent,
                            "skipped_done": len(opened.plan) - sent, "spec_url": opened.spec_url}, indent=2))
 
 
-def _open_worker_queue(url: str, create: bool):
-    """The queue; with ``create``, made first if missing (an existing one keeps its receive limit)."""
-    from .queues import open_queue
+def _open_worker_queues(url: str, create: bool):
+    """The stage queues; with ``create``, made first if missing (existing ones keep their receive limit)."""
+    from .queues.stages import StageQueues
 
     try:
-        return open_queue(url)
+        return StageQueues(url)
     except ValueError:
         if not create:
             raise
-        return open_queue(url, create=True)
+        return StageQueues(url, create=True)
 
 
 @main.command()
@@ -153,8 +154,16 @@ def _open_worker_queue(url: str, create: bool):
 @click.option("--tasks-in-flight", type=click.IntRange(min=0), default=0, show_default=True,
               help="tasks at once, sharing the model, so reads and writes overlap the network; "
                    "0: 2 on a machine with a CUDA GPU, else 1")
+@click.option("--stages", default="1,2", show_default=True,
+              help="stages this worker serves (1: network, 2: merge); GPU workers: 1")
+@click.option("--task-deadline", type=click.FloatRange(min=0, min_open=True), default=7200.0, show_default=True,
+              help="seconds after which a task (e.g. a hung read) is given back and the worker exits 75")
+@click.option("--spec-prefix", "spec_prefixes", multiple=True, envvar="CHUNK_OPS_SPEC_PREFIXES",
+              help="only open job specs under this URL prefix (repeat; env CHUNK_OPS_SPEC_PREFIXES, "
+                   "space-separated); none: any spec a message names")
 def worker(queue_url: str, visibility_timeout: float, idle_exit: float, create_queue: bool, grace: float,
-           max_tasks: int | None, pool: str, tasks_in_flight: int) -> None:
+           max_tasks: int | None, pool: str, tasks_in_flight: int, stages: str, task_deadline: float,
+           spec_prefixes: tuple[str, ...]) -> None:
     """Lease tasks from the queue and do them until it stays empty."""
     import logging
 
@@ -162,9 +171,14 @@ def worker(queue_url: str, visibility_timeout: float, idle_exit: float, create_q
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
+        served = tuple(sorted({int(x) for x in stages.split(",") if x.strip()}))
+    except ValueError:
+        raise click.BadParameter(f"{stages!r} is not a comma-separated list of stages (1, 2)") from None
+    try:
         w = Worker(WorkerConfig(queue_url, visibility_timeout_s=visibility_timeout, idle_exit_s=idle_exit,
-                                grace_s=grace, max_tasks=max_tasks, pool=pool, tasks_in_flight=tasks_in_flight),
-                   _open_worker_queue(queue_url, create_queue))
+                                grace_s=grace, max_tasks=max_tasks, pool=pool, tasks_in_flight=tasks_in_flight,
+                                stages=served, task_deadline_s=task_deadline, spec_prefixes=spec_prefixes),
+                   _open_worker_queues(queue_url, create_queue))
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     w.install_signal_handlers()
@@ -176,13 +190,13 @@ def worker(queue_url: str, visibility_timeout: float, idle_exit: float, create_q
 @job_queue_option
 def status(job: dict, queue_url: str | None) -> None:
     """Visible, in-flight and dead-lettered tasks, done of total, throughput, ETA."""
-    from .queues import open_queue
+    from .queues.stages import StageQueues
     from .submit import default_queue_url, job_status
 
     opened = _open_job(job)
     try:
-        queue = open_queue(queue_url or default_queue_url(opened))
-        click.echo(json.dumps(job_status(opened, queue).to_dict(), indent=2))
+        queues = StageQueues(queue_url or default_queue_url(opened))
+        click.echo(json.dumps(job_status(opened, queues).to_dict(), indent=2))
     except ValueError as e:
         raise click.ClickException(str(e)) from None
 
@@ -192,12 +206,12 @@ def status(job: dict, queue_url: str | None) -> None:
 @job_queue_option
 def finish(job: dict, queue_url: str | None) -> None:
     """After stage 2: check every chunk is done, remove the scratch, write the report."""
-    from .queues import open_queue
+    from .queues.stages import StageQueues
     from .submit import default_queue_url, finish_job
 
     opened = _open_job(job)
     try:
-        report = finish_job(opened, open_queue(queue_url or default_queue_url(opened)))
+        report = finish_job(opened, StageQueues(queue_url or default_queue_url(opened)))
     except (ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(report.to_dict(), indent=2))

@@ -54,9 +54,13 @@ def build_mip(url: str, mip: int, chunk_blocks: int = 4) -> int:
 
 
 def build_pyramid(url: str, levels: int) -> list[int]:
-    """Add and fill ``levels`` mips above the highest one the layer has."""
+    """Fill mips 1 to ``levels`` (adding those the layer lacks); chunks written per level.
+
+    Idempotent: a rerun rewrites the same levels with the same bytes, never adds more.
+    """
     written = []
-    for _ in range(levels):
-        mip = add_mip(url)
+    for mip in range(1, levels + 1):
+        if len(CloudVolume(url, progress=False).scales) <= mip:
+            add_mip(url)
         written.append(build_mip(url, mip))
     return written

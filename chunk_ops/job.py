@@ -8,9 +8,12 @@ stores the spec.  What a job keeps next to its output::
     <output>/info                      the output layer (precomputed)
     <output>/jobs/<job id>/spec.json   the validated spec; tasks refer to it
     <output>/jobs/<job id>/model.sha256  the model's hash (part of the job id)
+    <output>/jobs/<job id>/definition.sha256  the network source's hash (format pytorch)
     <output>/jobs/<job id>/scratch/    stage-1 partial sums, removed after the merge
+                                       (a spec's scratch_url gets <scratch_url>/<job id>/)
     <output>/jobs/<job id>/done/stage<n>/<chunk id>.json
-                                       done markers, with the task's timings
+                                       done markers, with the task's timings (and, for
+                                       stage 1, the partial sum's sha256)
     <output>/jobs/<job id>/report.json what the run did
 
 The job id hashes everything that changes the output, so a rerun of the same job
@@ -19,6 +22,7 @@ finds its done markers and skips those chunks, and a new model gets a new id.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import threading
@@ -33,12 +37,18 @@ from .engines import ModelError, Predictor
 from .geometry import Box, ChunkPlan, Vec3
 from .models.loading import load_predictor, read_model_bytes
 from .models.loading import model_sha256 as sha256_of
+from .models.registry import definition_sha256 as source_sha256_of
 from .spec import JobSpec, SpecError, job_id, parse_spec
+from . import storage
 from .volume import Volume, VolumeError
 
 
 class NotReady(RuntimeError):
     """A merge ran before the stage-1 work it needs (retry later)."""
+
+
+class BadPartial(RuntimeError):
+    """A stage-1 partial sum is missing, unreadable or not the bytes its marker recorded."""
 
 
 @dataclass
@@ -50,15 +60,18 @@ class Job:
     grid: PatchGrid
     input: Volume
     model_sha256: str
+    definition_sha256: str | None = None  # the network source's hash, format pytorch
     _model_bytes: bytes | None = field(default=None, repr=False)
     _predictor: Predictor | None = field(default=None, repr=False)
     _predictor_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     # --- opening: every check that writes nothing ---------------------------------
     @classmethod
-    def open(cls, spec: JobSpec | dict, *, model_sha256: str | None = None) -> "Job":
-        """Resolve and check a job.  ``model_sha256``, when known (a stored job), spares
-        reading the model until the network is needed; it is verified then."""
+    def open(cls, spec: JobSpec | dict, *, model_sha256: str | None = None,
+             definition_sha256: str | None = None) -> "Job":
+        """Resolve and check a job.  ``model_sha256`` and ``definition_sha256``, when known
+        (a stored job), spare reading the model until the network is needed; they are
+        verified then."""
         if isinstance(spec, dict):
             spec = parse_spec(spec)
         source = Volume(spec.input_url, spec.input_mip, fill_value=spec.fill_value)
@@ -91,14 +104,17 @@ class Job:
         if model_sha256 is None:
             model_bytes = read_model_bytes(spec.model.path)
             model_sha256 = sha256_of(model_bytes)
+            if spec.model.format == "pytorch":
+                definition_sha256 = source_sha256_of(spec.model.definition or "")
         return cls(
             spec=spec,
-            id=job_id(spec, model_sha256, roi),
+            id=job_id(spec, model_sha256, roi, definition_sha256),
             roi=roi,
             plan=ChunkPlan(roi, spec.chunk_size, origin),
             grid=grid,
             input=source,
             model_sha256=model_sha256,
+            definition_sha256=definition_sha256,
             _model_bytes=model_bytes,
         )
 
@@ -110,8 +126,11 @@ class Job:
         document = files.get_json(name)
         if document is None:
             raise SpecError(f"no job spec at {spec_url}")
-        recorded = files.get("model.sha256")
-        return cls.open(document, model_sha256=recorded.decode() if recorded else None)
+        recorded = files.get(["model.sha256", "definition.sha256"])
+        model, definition = (r["content"].decode() if r["content"] else None for r in recorded)
+        if model is None:
+            return cls.open(document)
+        return cls.open(document, model_sha256=model, definition_sha256=definition)
 
     @property
     def job_url(self) -> str:
@@ -123,7 +142,8 @@ class Job:
 
     @property
     def scratch_url(self) -> str:
-        return self.spec.scratch_url or f"{self.job_url}/scratch"
+        """Always the job's own: jobs sharing a scratch_url never see each other's sums."""
+        return f"{self.spec.scratch_url}/{self.id}" if self.spec.scratch_url else f"{self.job_url}/scratch"
 
     @property
     def model_bytes(self) -> bytes:
@@ -145,7 +165,7 @@ class Job:
         """The loaded model, once per job, even when task threads ask at the same time."""
         with self._predictor_lock:
             if self._predictor is None:
-                self._predictor = load_predictor(self.spec, self.model_bytes)
+                self._predictor = load_predictor(self.spec, self.model_bytes, self.definition_sha256)
             return self._predictor
 
     @cached_property
@@ -173,6 +193,8 @@ class Job:
         files = CloudFiles(self.job_url)
         files.put_json("spec.json", self.spec.to_dict())
         files.put("model.sha256", self.model_sha256.encode(), compress=None)
+        if self.definition_sha256 is not None:
+            files.put("definition.sha256", self.definition_sha256.encode(), compress=None)
 
     # --- stage-1 geometry ------------------------------------------------------------
     def partial_box(self, chunk: Box) -> Box | None:
@@ -206,22 +228,46 @@ class Job:
     def scratch_name(chunk: Box) -> str:
         return f"{ChunkPlan.chunk_id(chunk)}.npy"
 
-    def put_partial(self, chunk: Box, partial: np.ndarray) -> None:
+    def put_partial(self, chunk: Box, partial: np.ndarray) -> str:
+        """Store a chunk's partial sum; returns its sha256, which its stage-1 marker keeps."""
         buf = io.BytesIO()
         np.save(buf, partial, allow_pickle=False)
-        self.scratch.put(self.scratch_name(chunk), buf.getvalue(), compress=None)
+        data = buf.getvalue()
+        self.scratch.put(self.scratch_name(chunk), data, compress=None)
+        return hashlib.sha256(data).hexdigest()
 
-    def get_partial(self, chunk: Box) -> np.ndarray:
-        data = self.scratch.get(self.scratch_name(chunk))
+    def get_partial(self, chunk: Box, sha256: str) -> np.ndarray:
+        """A chunk's partial sum, only if its bytes are the ones its stage-1 marker recorded."""
+        name = self.scratch_name(chunk)
+        data = self.scratch.get(name)
         if data is None:
-            raise NotReady(
-                f"stage-1 partial sum of chunk {ChunkPlan.chunk_id(chunk)} is missing from "
-                f"{self.scratch_url}: run stage 1 of that chunk before merging its neighbours"
-            )
-        return np.load(io.BytesIO(data), allow_pickle=False)
+            raise BadPartial(f"stage-1 partial sum {name} is missing from {self.scratch_url}")
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise BadPartial(f"stage-1 partial sum {name} has sha256 {actual[:12]}..., its marker "
+                             f"recorded {sha256[:12]}... (corrupted or torn)")
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as e:
+            raise BadPartial(f"stage-1 partial sum {name} does not load: {e}") from None
 
     def remove_scratch(self) -> None:
-        self.scratch.delete(list(self.scratch.list()))
+        """Delete exactly this job's partial sums: names of its own chunks, nothing else."""
+        self.scratch.delete([name for name in self.scratch.list() if self._plan_chunk(name, ".npy")])
+        folder = storage.local_path(self.scratch_url)
+        if folder is not None and folder.is_dir():
+            storage.sweep_temporaries(folder)
+
+    def _plan_chunk(self, name: str, suffix: str) -> Box | None:
+        """The chunk of this job's plan that a stored name stands for, else None."""
+        if not name.endswith(suffix) or "/" in name:
+            return None
+        try:
+            box = Box.from_filename(name[: -len(suffix)])
+            self.plan.index_of(box)
+        except (ValueError, IndexError):
+            return None
+        return box
 
     def write_report(self, report: dict) -> None:
         CloudFiles(self.job_url).put_json("report.json", report)
@@ -235,22 +281,43 @@ class Job:
         name = f"{self._done_prefix(stage)}{ChunkPlan.chunk_id(chunk)}.json"
         CloudFiles(self.job_url).put_json(name, record)
 
+    def done_record(self, stage: int, chunk: Box) -> dict | None:
+        """The chunk's done marker, if it is one: a JSON object with its finish time."""
+        data = CloudFiles(self.job_url).get(f"{self._done_prefix(stage)}{ChunkPlan.chunk_id(chunk)}.json")
+        return _valid_marker(data)
+
     def is_done(self, stage: int, chunk: Box) -> bool:
-        return CloudFiles(self.job_url).exists(f"{self._done_prefix(stage)}{ChunkPlan.chunk_id(chunk)}.json")
+        return self.done_record(stage, chunk) is not None
 
     def done_mask(self, stage: int) -> np.ndarray:
-        """One bool per plan index: is that chunk's stage done?  One listing, in bulk."""
+        """One bool per plan index: is that chunk's stage done?  One listing, in bulk.
+
+        Names that are not this plan's markers (a stray file, a writer's temporary) are
+        ignored; markers are written whole (see :mod:`.storage`), so a listed one is complete.
+        """
         mask = np.zeros(len(self.plan), bool)
         prefix = self._done_prefix(stage)
         for name in CloudFiles(self.job_url).list(prefix=prefix):
-            box = Box.from_filename(name[len(prefix):].removesuffix(".json"))
-            mask[self.plan.index_of(box)] = True
+            box = self._plan_chunk(name[len(prefix):], ".json")
+            if box is not None:
+                mask[self.plan.index_of(box)] = True
         return mask
 
     def done_records(self, stage: int) -> list[dict]:
+        """Every valid done marker of the stage, read and checked (verification and reports)."""
         cf = CloudFiles(self.job_url)
-        names = list(cf.list(prefix=self._done_prefix(stage)))
-        return [json.loads(r["content"]) for r in cf.get(names) if r["content"]]
+        prefix = self._done_prefix(stage)
+        names = [n for n in cf.list(prefix=prefix) if self._plan_chunk(n[len(prefix):], ".json")]
+        records = (_valid_marker(r["content"]) for r in cf.get(names))
+        return [r for r in records if r is not None]
+
+
+def _valid_marker(data: bytes | None) -> dict | None:
+    try:
+        record = json.loads(data) if data else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and "finished_at" in record else None
 
 
 def _check_existing_output(spec: JobSpec, roi: Box) -> Volume:

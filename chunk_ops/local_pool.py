@@ -14,7 +14,7 @@ import time
 from typing import Sequence
 
 from .job import Job
-from .queues import open_queue
+from .queues.stages import StageQueues
 from .stages import RunReport
 from .submit import check_stage_done, default_queue_url, enqueue_stage, finish_job
 
@@ -34,16 +34,17 @@ def run_with_workers(job: Job, workers: int, queue_url: str | None = None, *,
     started = time.perf_counter()
     job.prepare()
     url = queue_url or default_queue_url(job)
-    queue = open_queue(url, create=True)
+    queues = StageQueues(url, create=True)
     # share the cores: N processes each with every core's worth of threads thrash
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     for stage in (1, 2):
-        if enqueue_stage(job, queue, stage):
+        if enqueue_stage(job, queues, stage):
             pool = [subprocess.Popen(worker_command(url, idle_exit_s=idle_exit_s,
-                                                    visibility_timeout_s=visibility_timeout_s), env=env)
+                                                    visibility_timeout_s=visibility_timeout_s,
+                                                    extra=("--spec-prefix", job.job_url + "/")), env=env)
                     for _ in range(workers)]
             for proc in pool:
                 proc.wait()
-        check_stage_done(job, queue, stage)
-    return finish_job(job, queue, time.perf_counter() - started)
+        check_stage_done(job, queues, stage)
+    return finish_job(job, queues, time.perf_counter() - started)

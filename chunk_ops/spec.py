@@ -159,6 +159,11 @@ def parse_spec(document: dict[str, Any]) -> JobSpec:
         )
     if m["format"] == "pytorch" and not m.get("definition"):
         raise SpecError("model.definition is required for format 'pytorch' (e.g. 'chunk_ops.models.rsunet:RSUNet')")
+    if m.get("definition"):
+        from .models.registry import check_allowed  # before anything imports it
+
+        check_allowed(m["definition"])
+    _check_locations(doc)
 
     inf = doc["inference"]
     overlap = Vec3.of(inf.get("overlap", (output_patch // 2).to_list()))
@@ -217,15 +222,38 @@ def parse_spec(document: dict[str, Any]) -> JobSpec:
     )
 
 
+def _location(url: str) -> str:
+    """A URL compared by location: plain paths are file://, no trailing slash."""
+    url = url.rstrip("/")
+    return url if "://" in url else f"file://{url}"
+
+
+def _check_locations(doc: dict) -> None:
+    """Input, output and scratch must be separate: a job never writes where it reads, and
+    removing its scratch never touches a layer."""
+    places = {"input.url": doc["input"]["url"], "output.url": doc["output"]["url"]}
+    if doc.get("scratch_url"):
+        places["scratch_url"] = doc["scratch_url"]
+    names = list(places)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            la, lb = _location(places[a]), _location(places[b])
+            if la == lb or la.startswith(lb + "/") or lb.startswith(la + "/"):
+                how = "equals" if la == lb else "is inside" if la.startswith(lb + "/") else "contains"
+                raise SpecError(f"job spec field {a} {places[a]!r} {how} {b} {places[b]!r}: "
+                                f"input, output and scratch must be separate locations")
+
+
 # Fields that do not change the output bytes, so they stay out of the job id.
 _NOT_IN_JOB_ID = {("inference", "device"), ("inference", "engine"), ("inference", "batch_size"), ("scratch_url",), ("queue",), ("workers",), ("postprocess",)}
 
 
-def job_id(spec: JobSpec, model_sha256: str, roi: Box) -> str:
+def job_id(spec: JobSpec, model_sha256: str, roi: Box, definition_sha256: str | None = None) -> str:
     """Deterministic id of everything that changes the output.
 
     Inputs, region (resolved, so "whole volume" and the same explicit box agree),
-    model bytes and parameters; a new model version gives a new id.
+    model bytes, the network definition's source bytes and parameters; a new model
+    version, or an edited network, gives a new id.
     """
     doc = spec.to_dict()
     for path in _NOT_IN_JOB_ID:
@@ -235,5 +263,7 @@ def job_id(spec: JobSpec, model_sha256: str, roi: Box) -> str:
         d.pop(path[-1], None)
     doc["roi"] = roi.to_dict()
     doc["model"]["sha256"] = model_sha256
+    if definition_sha256 is not None:
+        doc["model"]["definition_sha256"] = definition_sha256
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

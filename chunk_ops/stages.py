@@ -12,21 +12,37 @@ the order chunks were processed in, or on how often.
 
 Every patch is computed exactly once, so compute amplification is 1.00, and the
 output equals :func:`reference_pass` up to float rounding.
+
+Integrity: a stage-1 marker records the sha256 of its partial sum; stage 2 reads a
+partial only if its bytes match, and redoes the stage 1 of a chunk whose partial is
+missing, torn or corrupted (then merges), so a bad partial never reaches the output.
+Before each write the worker's ``fence`` confirms it still holds its lease: a worker
+that lost it (frozen, partitioned, past its deadline) writes nothing.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from .blend import window_3d
 from .engines import Predictor
 from .geometry import Box, Vec3
-from .job import Job
+from .job import BadPartial, Job, NotReady
 from .segment import segment_job
+
+log = logging.getLogger(__name__)
+
+Fence = Callable[[], None]  # raises (LeaseLost) when this worker may no longer write
+
+
+def _no_fence() -> None:
+    pass
 
 
 @dataclass
@@ -115,12 +131,15 @@ def predict_into(
             blend(*pending)
 
 
-def run_stage1(job: Job, chunk: Box) -> ChunkStats:
-    """Stage 1 of one chunk: its patches, blended into a scratch partial sum."""
+def run_stage1(job: Job, chunk: Box, fence: Fence = _no_fence) -> tuple[ChunkStats, dict]:
+    """Stage 1 of one chunk: its patches, blended into a scratch partial sum.
+
+    Returns the work done and what its done marker must keep (the partial's sha256).
+    """
     stats = ChunkStats(voxels=chunk.size)
     part = job.partial_box(chunk)
     if part is None:
-        return stats
+        return stats, {"partial_sha256": None}
     t0 = time.perf_counter()
     image = normalize_input(job.input.read(part.grow(job.spec.model.margin)))
     stats.read_s += time.perf_counter() - t0
@@ -128,14 +147,34 @@ def run_stage1(job: Job, chunk: Box) -> ChunkStats:
     window = window_3d(job.blend, job.spec.model.output_patch)
     predict_into(job.predictor, image, job.grid.origins_in(chunk), part.start, acc, window, stats)
     t0 = time.perf_counter()
-    job.put_partial(chunk, acc.astype(np.float32))
+    fence()
+    digest = job.put_partial(chunk, acc.astype(np.float32))
     stats.write_s += time.perf_counter() - t0
-    return stats
+    return stats, {"partial_sha256": digest}
 
 
-def run_stage2(job: Job, chunk: Box) -> ChunkStats:
-    """Stage 2 of one chunk: merge partial sums, normalize, cast, write."""
+def _verified_partial(job: Job, neighbour: Box, stats: ChunkStats, fence: Fence) -> np.ndarray:
+    """The neighbour's partial sum as its stage-1 marker recorded it; redone here if bad."""
+    record = job.done_record(1, neighbour)
+    if record is None:
+        raise NotReady(f"stage 1 of chunk {neighbour.to_filename()} is not done yet: "
+                       f"run it before merging its neighbours")
+    try:
+        return job.get_partial(neighbour, record.get("partial_sha256") or "")
+    except BadPartial as e:
+        log.warning("redoing stage 1 of chunk %s: %s", neighbour.to_filename(), e)
+    redo, extra = run_stage1(job, neighbour, fence)
+    stats.add(redo)
+    fence()
+    job.mark_done(1, neighbour, {**redo.to_dict(), **extra, "redone_by_stage2": True,
+                                 "started_at": time.time(), "finished_at": time.time(), "receive_count": 1})
+    return job.get_partial(neighbour, extra["partial_sha256"])
+
+
+def run_stage2(job: Job, chunk: Box, fence: Fence = _no_fence) -> tuple[ChunkStats, dict]:
+    """Stage 2 of one chunk: merge verified partial sums, normalize, cast, write."""
     stats = ChunkStats(voxels=chunk.size)
+    redo = ChunkStats()
     t0 = time.perf_counter()
     acc = np.zeros((job.spec.model.out_channels, *chunk.shape.zyx()), np.float64)
     for neighbour in job.contributors(chunk):
@@ -143,17 +182,19 @@ def run_stage2(job: Job, chunk: Box) -> ChunkStats:
         if part is None or not part.intersects(chunk):
             continue
         common = part.intersection(chunk)
-        partial = job.get_partial(neighbour)
+        partial = _verified_partial(job, neighbour, redo, fence)
         acc[(slice(None), *common.to_zyx_slices(chunk))] += partial[(slice(None), *common.to_zyx_slices(part))]
     t1 = time.perf_counter()
     acc /= job.grid.weight_sum(chunk, job.blend)
     result = cast_output(acc, job.spec.output_dtype)
     t2 = time.perf_counter()
+    fence()
     job.output.write(chunk, result)
     stats.read_s += t1 - t0
     stats.blend_s += t2 - t1
     stats.write_s += time.perf_counter() - t2
-    return stats
+    stats.patches = redo.patches  # patches of redone stage-1 work count in the amplification
+    return stats, {"stage1_redone_patches": redo.patches} if redo.patches else {}
 
 
 def reference_pass(job: Job) -> np.ndarray:
@@ -209,9 +250,14 @@ def run_local(job: Job, order: list[int] | None = None) -> RunReport:
     indices = list(range(len(job.plan))) if order is None else order
     report = RunReport(job.id, len(job.plan), job.roi.size, 0, len(job.grid), 0.0)
     for i in indices:
-        report.stage1.add(run_stage1(job, job.plan[i]))
+        started = time.time()
+        stats, extra = run_stage1(job, job.plan[i])
+        # stage 2 merges only partial sums whose marker vouches for their bytes
+        job.mark_done(1, job.plan[i], {**stats.to_dict(), **extra, "receive_count": 1,
+                                       "started_at": started, "finished_at": time.time()})
+        report.stage1.add(stats)
     for i in indices:
-        report.stage2.add(run_stage2(job, job.plan[i]))
+        report.stage2.add(run_stage2(job, job.plan[i])[0])
     job.remove_scratch()
     report.patches_evaluated = job.predictor.patches_evaluated
     report.segmentation = segment_job(job)

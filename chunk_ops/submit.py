@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+from . import storage
 from .job import Job
-from .queues import QueueCounts, TaskQueue
+from .queues import QueueCounts
+from .queues.stages import STAGES, StageQueues
 from .segment import segment_job
 from .stages import ChunkStats, RunReport
 from .task import Task
@@ -35,9 +37,9 @@ def stage_messages(job: Job, stage: int, skip_done: bool = True) -> Iterator[str
             yield Task(job.id, job.spec_url, stage, box).to_json()
 
 
-def enqueue_stage(job: Job, queue: TaskQueue, stage: int) -> int:
-    """Send the stage's tasks that are not done yet; returns how many were sent."""
-    return queue.send_batch(stage_messages(job, stage))
+def enqueue_stage(job: Job, queues: StageQueues, stage: int) -> int:
+    """Send the stage's tasks that are not done yet to its queue; returns how many were sent."""
+    return queues.of(stage).send_batch(stage_messages(job, stage))
 
 
 @dataclass
@@ -51,13 +53,13 @@ class StageStatus:
 @dataclass
 class JobStatus:
     job_id: str
-    queue: QueueCounts
+    queues: dict[int, QueueCounts]  # per stage
     stages: dict[int, StageStatus]
     dead_letters: list[str]
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["queue"] = {**asdict(self.queue), "pending": self.queue.pending}
+        d["queues"] = {stage: {**asdict(c), "pending": c.pending} for stage, c in self.queues.items()}
         return d
 
 
@@ -76,23 +78,23 @@ def stage_status(job: Job, stage: int) -> StageStatus:
     return StageStatus(len(records), total, rate, eta)
 
 
-def job_status(job: Job, queue: TaskQueue) -> JobStatus:
+def job_status(job: Job, queues: StageQueues) -> JobStatus:
     return JobStatus(
         job_id=job.id,
-        queue=queue.counts(),
-        stages={stage: stage_status(job, stage) for stage in (1, 2)},
-        dead_letters=queue.dead_letters(),
+        queues={stage: queues.counts(stage) for stage in STAGES},
+        stages={stage: stage_status(job, stage) for stage in STAGES},
+        dead_letters=queues.dead_letters(),
     )
 
 
-def wait_for_stage(job: Job, queue: TaskQueue, stage: int, poll_s: float = 1.0,
+def wait_for_stage(job: Job, queues: StageQueues, stage: int, poll_s: float = 1.0,
                    timeout_s: float | None = None) -> bool:
     """Wait until every chunk of the stage is done (True) or nothing is left to try (False)."""
     deadline = None if timeout_s is None else time.time() + timeout_s
     while True:
         if job.done_mask(stage).all():
             return True
-        if queue.counts().pending == 0:
+        if queues.counts(stage).pending == 0:
             return bool(job.done_mask(stage).all())
         if deadline is not None and time.time() > deadline:
             return False
@@ -103,12 +105,13 @@ class StageIncomplete(RuntimeError):
     """A stage ended with chunks not done (their tasks are dead-lettered or lost)."""
 
 
-def check_stage_done(job: Job, queue: TaskQueue, stage: int) -> None:
-    missing = int((~job.done_mask(stage)).sum())
+def check_stage_done(job: Job, queues: StageQueues, stage: int) -> None:
+    """Verification: every chunk has a valid marker (each one read and parsed)."""
+    missing = len(job.plan) - len(job.done_records(stage))
     if missing:
         raise StageIncomplete(
             f"stage {stage} of job {job.id}: {missing} of {len(job.plan)} chunks not done; "
-            f"queue {queue.counts()}; dead letters: {queue.dead_letters(3)}"
+            f"queue {queues.counts(stage)}; dead letters: {queues.dead_letters(3)}"
         )
 
 
@@ -130,15 +133,19 @@ def report_from_markers(job: Job, wall_s: float | None = None) -> RunReport:
             pool["seconds"] = round(pool["seconds"] + record["finished_at"] - record["started_at"], 3)
             if "engine" in record and record["engine"] not in pool.setdefault("engines", []):
                 pool["engines"].append(record["engine"])
-    report.patches_evaluated = report.stage1.patches
+    report.patches_evaluated = report.stage1.patches + report.stage2.patches  # + stage-1 work redone
     report.wall_s = wall_s if wall_s is not None else max(0.0, last - first)
     return report
 
 
-def finish_job(job: Job, queue: TaskQueue, wall_s: float | None = None) -> RunReport:
+def finish_job(job: Job, queues: StageQueues, wall_s: float | None = None) -> RunReport:
     """After the merge: check every chunk is done, remove the scratch, segment, write the report."""
-    check_stage_done(job, queue, 2)
+    check_stage_done(job, queues, 2)
     job.remove_scratch()
+    for url in (job.spec.output_url, job.job_url):  # what killed writers left on local disk
+        folder = storage.local_path(url)
+        if folder is not None and folder.is_dir():
+            storage.sweep_temporaries(folder)
     report = report_from_markers(job, wall_s)
     report.segmentation = segment_job(job)
     job.write_report(report.to_dict())

@@ -52,7 +52,7 @@ class Task:
             raise TaskError(f"task message fields {sorted(doc)} are not {sorted(expected)}")
         if not isinstance(doc["job"], str) or not isinstance(doc["spec"], str):
             raise TaskError(f"task message job and spec must be strings: {body[:200]!r}")
-        if doc["stage"] not in STAGES or isinstance(doc["stage"], bool):
+        if type(doc["stage"]) is not int or doc["stage"] not in STAGES:  # not 1.0, not True
             raise TaskError(f"task message stage {doc['stage']!r} is not one of {list(STAGES)}")
         try:
             box = Box.from_dict(doc["box"])

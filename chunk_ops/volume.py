@@ -4,7 +4,7 @@ This is the one place where cloud-volume's x, y, z(, c) arrays become the
 (c, z, y, x) arrays that networks and the rest of chunk_ops use.  Reads may reach
 outside the volume (context margins at its faces) and are filled with a value;
 writes must be aligned to the storage blocks, so a chunk written twice, or by two
-workers, gives the same bytes.
+workers, gives the same bytes; each block is replaced whole (:mod:`.storage`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from cloudfiles import CloudFiles
 from cloudvolume import CloudVolume
 from cloudvolume.exceptions import InfoUnavailableError, ScaleUnavailableError
 
+from . import storage  # noqa: F401  file:// blocks are written whole (temporary name, rename)
 from .geometry import Box, Vec3
 
 

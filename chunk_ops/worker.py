@@ -14,6 +14,14 @@
 - ``tasks_in_flight`` > 1 (GPU workers): that many tasks at once in threads sharing
   one loaded model, whose forward passes take turns (``Predictor.lock``); so one
   task reads its input and another writes its result while the network computes.
+- Fencing: right before each write (partial sum, output, done marker) the worker
+  renews its lease synchronously; a worker that lost it (frozen or cut off past its
+  lease, and the task redone or deleted meanwhile) abandons the task and writes
+  nothing.  A task running past ``task_deadline_s`` (a hung read) is no longer
+  renewed: the worker gives its leases back and exits, so the chunk moves on.
+- Stages: one queue per stage (:mod:`.queues.stages`); a worker polls only the
+  stages it serves (``stages``), so a GPU worker told ``(1,)`` never merges.
+- Specs: with ``spec_prefixes``, a task naming a spec elsewhere is a poison message.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ import time
 from dataclasses import dataclass, field
 
 from .job import Job
-from .queues import Lease, LeaseLost, TaskQueue, open_queue
+from .queues import Lease, LeaseLost, TaskQueue
+from .queues.stages import STAGES, StageQueues
 from .stages import run_stage1, run_stage2
 from .task import Task, TaskError
 
@@ -47,6 +56,9 @@ class WorkerConfig:
     backoff_s: float = 1.0
     max_tasks: int | None = None
     tasks_in_flight: int = 1  # 0: 2 where a CUDA GPU is, else 1
+    stages: tuple[int, ...] = STAGES  # the stages this worker serves; GPU workers: (1,)
+    task_deadline_s: float = 7200.0  # a task still running after this is given up (a hung read)
+    spec_prefixes: tuple[str, ...] = ()  # the only places specs may come from; () allows any
     # which pool this worker belongs to (local, gpu, cpu...), recorded with each task for the report
     pool: str = field(default_factory=lambda: os.environ.get("CHUNK_OPS_POOL", "default"))
 
@@ -57,6 +69,7 @@ class WorkerSummary:
     skipped: int = 0
     failed: int = 0
     given_back: int = 0
+    abandoned: int = 0  # lease lost before a write: nothing written
     by_stage: dict = field(default_factory=lambda: {1: 0, 2: 0})
 
 
@@ -68,13 +81,14 @@ WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class _Heartbeat(threading.Thread):
-    """Extends one lease until stopped; enforces the SIGTERM grace period."""
+    """Extends one lease until stopped; enforces the task deadline and the SIGTERM grace."""
 
-    def __init__(self, worker: "Worker", lease: Lease):
+    def __init__(self, worker: "Worker", lease: Lease, queue: TaskQueue):
         super().__init__(daemon=True)
-        self.worker, self.lease = worker, lease
+        self.worker, self.lease, self.queue = worker, lease, queue
         self.stop_event = threading.Event()
         self.lost = False
+        self.started = time.monotonic()
 
     def run(self) -> None:
         cfg = self.worker.config
@@ -84,36 +98,68 @@ class _Heartbeat(threading.Thread):
         while not self.stop_event.wait(0.2):
             if self._past_grace():
                 self.worker.give_back_all_and_exit("SIGTERM grace period over")
+            if self.past_deadline():
+                self.lost = True
+                _event("task_deadline", message=self.lease.message_id, deadline_s=cfg.task_deadline_s)
+                self.worker.give_back_all_and_exit(f"task deadline of {cfg.task_deadline_s} s passed",
+                                                   code=EXIT_DEADLINE)
             if time.monotonic() < next_extend:
                 continue
             try:
-                self.worker.queue.extend(self.lease, cfg.visibility_timeout_s)
+                self.queue.extend(self.lease, cfg.visibility_timeout_s)
                 next_extend = time.monotonic() + period
             except LeaseLost as e:
                 self.lost = True
                 _event("lease_lost", message=self.lease.message_id, error=str(e))
                 return
-            except Exception as e:  # a queue hiccup: try again shortly
+            except Exception as e:  # a queue hiccup (throttling, 5xx): try again shortly
                 _event("heartbeat_error", message=self.lease.message_id, error=repr(e))
+
+    def past_deadline(self) -> bool:
+        return time.monotonic() - self.started > self.worker.config.task_deadline_s
 
     def _past_grace(self) -> bool:
         since = self.worker.stopping_since
         return since is not None and time.time() - since > self.worker.config.grace_s
 
+    def confirm(self) -> None:
+        """The write fence: renew the lease now, or raise LeaseLost (and write nothing)."""
+        if self.lost or self.past_deadline() or self.stop_event.is_set():
+            raise LeaseLost(f"message {self.lease.message_id}: this worker no longer holds its lease")
+        for attempt in range(3):
+            try:
+                self.queue.extend(self.lease, self.worker.config.visibility_timeout_s)
+                return
+            except LeaseLost:
+                self.lost = True
+                raise
+            except Exception as e:  # transient: the write waits for a definite answer
+                _event("fence_error", message=self.lease.message_id, attempt=attempt + 1, error=repr(e))
+                time.sleep(0.5 * 2 ** attempt)
+        raise LeaseLost(f"message {self.lease.message_id}: cannot confirm the lease before writing")
+
     def stop(self) -> None:
         self.stop_event.set()
-        self.join()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
+
+
+EXIT_SIGTERM = 143
+EXIT_DEADLINE = 75  # EX_TEMPFAIL: the task was given back; a new worker may try it
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, queue: TaskQueue | None = None):
+    def __init__(self, config: WorkerConfig, queues: StageQueues | None = None):
+        bad = [s for s in config.stages if s not in STAGES]
+        if bad or not config.stages:
+            raise ValueError(f"worker stages {list(config.stages)} must be a non-empty subset of {list(STAGES)}")
         self.config = config
-        self.queue = queue or open_queue(config.queue_url)
+        self.queues = queues or StageQueues(config.queue_url)
         self.jobs: dict[str, Job] = {}
         self.stopping_since: float | None = None
         self.summary = WorkerSummary()
         self._lock = threading.Lock()  # jobs, summary, held leases and the task count, across task threads
-        self._held: dict[str, Lease] = {}
+        self._held: dict[str, tuple[TaskQueue, Lease]] = {}
         self._exiting = threading.Lock()
         self._handled = 0
 
@@ -132,7 +178,8 @@ class Worker:
             import torch
 
             in_flight = 2 if torch.cuda.is_available() else 1
-        _event("start", queue=cfg.queue_url, tasks_in_flight=in_flight)
+        _event("start", queue=cfg.queue_url, stages=list(cfg.stages), tasks_in_flight=in_flight,
+               spec_prefixes=list(cfg.spec_prefixes) or "any")
         others = [threading.Thread(target=self._loop, daemon=True, name=f"task-{i}")
                   for i in range(1, in_flight)]
         for t in others:
@@ -155,17 +202,29 @@ class Worker:
         cfg = self.config
         idle_since = time.time()
         while self.stopping_since is None and self._take_turn():
-            wait = min(2.0, cfg.idle_exit_s)
-            leases = self.queue.receive(1, cfg.visibility_timeout_s, wait_seconds=wait)
-            if not leases:
+            leased = self._receive(min(2.0, cfg.idle_exit_s))
+            if leased is None:
                 with self._lock:
                     self._handled -= 1
                 if time.time() - idle_since >= cfg.idle_exit_s:
                     _event("idle_exit", idle_s=round(time.time() - idle_since, 1))
                     break
                 continue
-            self.process(leases[0])
+            self.process(*leased)
             idle_since = time.time()
+
+    def _receive(self, wait_s: float) -> tuple[Lease, int, TaskQueue] | None:
+        """One task from the served stages' queues, merges first (they finish a run)."""
+        queues = [(stage, q) for stage in sorted(self.config.stages, reverse=True)
+                  if (q := self.queues.get(stage)) is not None]
+        for i, (stage, queue) in enumerate(queues):
+            last = i == len(queues) - 1
+            leases = queue.receive(1, self.config.visibility_timeout_s, wait_seconds=wait_s if last else 0.0)
+            if leases:
+                return leases[0], stage, queue
+        if not queues:
+            time.sleep(wait_s)
+        return None
 
     def _count(self, what: str, stage: int | None = None) -> None:
         with self._lock:
@@ -173,8 +232,8 @@ class Worker:
             if stage is not None:
                 self.summary.by_stage[stage] += 1
 
-    def give_back_all_and_exit(self, reason: str) -> None:
-        """Release every lease this worker holds, then exit 143 (SIGTERM grace over).
+    def give_back_all_and_exit(self, reason: str, code: int = EXIT_SIGTERM) -> None:
+        """Release every lease this worker holds, then exit (143: SIGTERM grace over).
 
         Task threads are inside the network, so the process leaves from here; the
         heartbeat of another task in flight waits on the lock until it does.
@@ -182,15 +241,18 @@ class Worker:
         with self._exiting:
             with self._lock:
                 held = list(self._held.values())
-            for lease in held:
+            for queue, lease in held:
                 try:
-                    self.queue.release(lease)
+                    queue.release(lease)
                     _event("given_back", message=lease.message_id, reason=reason)
-                except LeaseLost:
+                except Exception:  # lost already, or the queue is unreachable: it expires
                     pass
-            os._exit(143)
+            os._exit(code)
 
     def _job(self, task: Task) -> Job:
+        prefixes = self.config.spec_prefixes
+        if prefixes and not any(task.spec_url.startswith(p) for p in prefixes):
+            raise TaskError(f"task spec {task.spec_url} is not under this worker's spec prefixes {list(prefixes)}")
         with self._lock:  # task threads share one opened job (and its loaded model)
             job = self.jobs.get(task.spec_url)
             if job is None:
@@ -203,57 +265,69 @@ class Worker:
             raise TaskError(f"task box {task.box} is not a chunk of job {job.id} (roi {job.roi})") from None
         return job
 
-    def process(self, lease: Lease) -> None:
+    def process(self, lease: Lease, stage: int = 1, queue: TaskQueue | None = None) -> None:
+        queue = queue or self.queues.of(stage)
         with self._lock:
-            self._held[lease.message_id] = lease
-        heartbeat = _Heartbeat(self, lease)
+            self._held[lease.message_id] = (queue, lease)
+        heartbeat = _Heartbeat(self, lease, queue)
         heartbeat.start()
         try:
-            self._process(lease)
+            self._process(lease, stage, queue, heartbeat)
         finally:
             heartbeat.stop()
             with self._lock:
                 self._held.pop(lease.message_id, None)
 
-    def _process(self, lease: Lease) -> None:
+    def _process(self, lease: Lease, stage: int, queue: TaskQueue, heartbeat: _Heartbeat) -> None:
         started = time.time()
         try:
             task = Task.from_json(lease.body)
+            if task.stage != stage:
+                raise TaskError(f"a stage-{task.stage} task on the stage-{stage} queue {queue.url}")
             job = self._job(task)
             if job.is_done(task.stage, task.box):
-                self._delete(lease)
+                heartbeat.stop()
+                self._delete(queue, lease)
                 self._count("skipped")
                 _event("skip_done", job=task.job_id, stage=task.stage, chunk=task.box.to_filename())
                 return
-            stats = self._with_retries(task, job)
+            stats, extra = self._with_retries(task, job, heartbeat.confirm)
+            heartbeat.confirm()
+            job.mark_done(task.stage, task.box, {
+                **stats.to_dict(), **extra, "worker": WORKER_NAME, "pool": self.config.pool,
+                "receive_count": lease.receive_count, "started_at": started, "finished_at": time.time(),
+                **({"engine": job.predictor.engine.name} if task.stage == 1 else {}),  # merges run no network
+            })
+        except LeaseLost as e:  # the fence: another worker owns this task now
+            self._count("abandoned")
+            _event("abandoned", message=lease.message_id, reason=str(e))
+            return
         except PERMANENT as e:
             self._count("failed")
             _event("failed", message=lease.message_id, receive_count=lease.receive_count,
                    permanent=True, error=str(e))
-            self._give_back(lease, delay_s=0)
+            heartbeat.stop()
+            self._give_back(queue, lease, delay_s=0)
             return
-        except Exception as e:
+        except Exception as e:  # transient, retried here already: try again later, maybe elsewhere
             self._count("failed")
             _event("failed", message=lease.message_id, receive_count=lease.receive_count,
                    permanent=False, error=repr(e))
-            self._give_back(lease, delay_s=self.config.backoff_s * 2 ** self.config.retries)
+            heartbeat.stop()
+            self._give_back(queue, lease, delay_s=self.config.backoff_s * 2 ** self.config.retries)
             return
-        job.mark_done(task.stage, task.box, {
-            **stats.to_dict(), "worker": WORKER_NAME, "pool": self.config.pool, "receive_count": lease.receive_count,
-            "started_at": started, "finished_at": time.time(),
-            **({"engine": job.predictor.engine.name} if task.stage == 1 else {}),  # merges run no network
-        })
-        self._delete(lease)
+        heartbeat.stop()
+        self._delete(queue, lease)
         self._count("done", task.stage)
         _event("done", job=task.job_id, stage=task.stage, chunk=task.box.to_filename(),
                seconds=round(time.time() - started, 3), receive_count=lease.receive_count)
 
-    def _with_retries(self, task: Task, job: Job):
+    def _with_retries(self, task: Task, job: Job, fence):
         run = run_stage1 if task.stage == 1 else run_stage2
         for attempt in range(self.config.retries + 1):
             try:
-                return run(job, task.box)
-            except PERMANENT:
+                return run(job, task.box, fence)
+            except (*PERMANENT, LeaseLost):
                 raise
             except Exception as e:
                 if attempt == self.config.retries:
@@ -262,19 +336,19 @@ class Worker:
                 _event("retry", chunk=task.box.to_filename(), attempt=attempt + 1, delay_s=delay, error=repr(e))
                 time.sleep(delay)
 
-    def _delete(self, lease: Lease) -> None:
+    def _delete(self, queue: TaskQueue, lease: Lease) -> None:
         try:
-            self.queue.delete(lease)
+            queue.delete(lease)
         except LeaseLost:
             # redelivered meanwhile: the other holder finds the done marker and deletes it
             _event("delete_lost", message=lease.message_id)
 
-    def _give_back(self, lease: Lease, delay_s: float) -> None:
+    def _give_back(self, queue: TaskQueue, lease: Lease, delay_s: float) -> None:
         try:
             if delay_s > 0:
-                self.queue.extend(lease, delay_s)
+                queue.extend(lease, delay_s)
             else:
-                self.queue.release(lease)
+                queue.release(lease)
             self._count("given_back")
         except LeaseLost:
             pass

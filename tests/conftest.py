@@ -15,6 +15,10 @@ from hypothesis import settings
 # One ONNX export cache for the whole run (workers started by tests inherit it), not ~/.cache.
 os.environ.setdefault("CHUNK_OPS_CACHE", tempfile.mkdtemp(prefix="chunk_ops_cache_"))
 
+# The operator's model allowlist (chunk_ops.models.registry): the test networks and nothing
+# else; workers started by tests inherit it.
+os.environ["CHUNK_OPS_MODEL_ALLOWLIST"] = f"{Path(__file__).parent / 'chunk_ops' / 'nets.py'}:*"
+
 # Two shared cores: wall-clock deadlines would make property tests flaky, not stricter.
 settings.register_profile("ci", deadline=None, print_blob=True)
 settings.load_profile("ci")

@@ -3,7 +3,7 @@
 Formats:
 - ``torchscript``: a ``torch.jit.save`` file; no Python code is imported.
 - ``pytorch``: a class named by ``definition`` (``package.module:Class`` or
-  ``/path/file.py:Class``) built with ``kwargs``, and a state_dict read with
+  ``/path/file.py:Class``, allowlisted: see :mod:`.registry`) built with ``kwargs``, and a state_dict read with
   ``torch.load(..., weights_only=True)`` (never pickle-executing code).
 - ``onnx``: an ONNX graph.
 
@@ -17,15 +17,15 @@ else PyTorch, or ONNX Runtime for ONNX models.  The choice is logged.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.util
 import io
 import logging
-import os
 from urllib.parse import urlparse
 
 from ..engines import ModelError, OnnxRuntimeEngine, OpenVinoEngine, Predictor, TorchEngine, fixed_input_shape_error
 from ..spec import JobSpec, ModelSpec
+from .registry import definition_sha256 as source_sha256
+from .registry import load_definition
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +53,9 @@ def model_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _import_definition(definition: str):
-    target, _, attr = definition.rpartition(":")
-    try:
-        if target.endswith(".py"):
-            if not os.path.isfile(target):
-                raise ModelError(f"model.definition file {target!r} does not exist")
-            spec = importlib.util.spec_from_file_location(f"chunk_ops_user_model_{abs(hash(target))}", target)
-            module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
-        else:
-            module = importlib.import_module(target)
-        return getattr(module, attr)
-    except (ImportError, AttributeError, SyntaxError) as e:
-        raise ModelError(f"cannot import model.definition {definition!r}: {e}") from None
-
-
-def torch_module(model: ModelSpec, data: bytes):
+def torch_module(model: ModelSpec, data: bytes, definition_sha256: str | None = None):
+    """The network as a torch Module; for format pytorch, its definition's source must
+    hash to ``definition_sha256`` (the job's) when given."""
     import torch
 
     if model.format == "torchscript":
@@ -77,7 +63,7 @@ def torch_module(model: ModelSpec, data: bytes):
             return torch.jit.load(io.BytesIO(data), map_location="cpu")
         except Exception as e:
             raise ModelError(f"model file {model.path!r} is not a readable TorchScript file: {e}") from None
-    cls = _import_definition(model.definition or "")
+    cls = load_definition(model.definition or "", definition_sha256)
     try:
         module = cls(**model.kwargs)
     except TypeError as e:
@@ -163,18 +149,25 @@ def choose_engine(spec: JobSpec) -> str:
     return engine
 
 
-def load_predictor(spec: JobSpec, data: bytes | None = None) -> Predictor:
-    """Load the spec's model into its engine, check it on one batch, and return its predictor."""
+def load_predictor(spec: JobSpec, data: bytes | None = None, definition_sha256: str | None = None) -> Predictor:
+    """Load the spec's model into its engine, check it on one batch, and return its predictor.
+
+    ``definition_sha256``: the job's hash of the network's source (format pytorch); the
+    source must still match it, and it keys the ONNX cache with the weights.
+    """
     model = spec.model
     data = read_model_bytes(model.path) if data is None else data
+    if model.format == "pytorch" and definition_sha256 is None:
+        definition_sha256 = source_sha256(model.definition or "")
     engine_name = choose_engine(spec)
     onnx = data if model.format == "onnx" else None
     if engine_name != "pytorch" and onnx is None:
         from .export import cached_onnx
 
-        key = {"format": model.format, "definition": model.definition, "kwargs": model.kwargs}
+        key = {"format": model.format, "definition": model.definition, "kwargs": model.kwargs,
+               "definition_sha256": definition_sha256}
         try:
-            onnx = cached_onnx(torch_module(model, data), model_sha256(data), key, model.in_channels,
+            onnx = cached_onnx(torch_module(model, data, definition_sha256), model_sha256(data), key, model.in_channels,
                                model.input_patch.zyx())
         except ModelError:
             raise
@@ -185,7 +178,7 @@ def load_predictor(spec: JobSpec, data: bytes | None = None) -> Predictor:
             log.warning("%s; running it on PyTorch", why)  # auto: the engine that runs any module
             engine_name = "pytorch"
     if engine_name == "pytorch":
-        engine = TorchEngine(torch_module(model, data), device=spec.device, precision=spec.precision)
+        engine = TorchEngine(torch_module(model, data, definition_sha256), device=spec.device, precision=spec.precision)
     else:
         build = _openvino_engine if engine_name == "openvino" else _onnxruntime_engine
         engine = build(spec, onnx)

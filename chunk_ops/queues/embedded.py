@@ -67,8 +67,6 @@ class EmbeddedQueue:
             if row is None:
                 value = max_receives or DEFAULT_MAX_RECEIVES
                 tx.execute("INSERT INTO settings VALUES ('max_receives', ?)", (str(value),))
-            elif max_receives is not None and int(row[0]) != max_receives:
-                tx.execute("UPDATE settings SET value = ? WHERE key = 'max_receives'", (str(max_receives),))
         self.max_receives = int(
             db.execute("SELECT value FROM settings WHERE key = 'max_receives'").fetchone()[0]
         )
@@ -96,7 +94,7 @@ class EmbeddedQueue:
             now = time.time()
             while len(leases) < n:
                 rows = tx.execute(
-                    "SELECT id, body, receive_count FROM messages WHERE dead = 0 AND visible_at <= ? "
+                    "SELECT id, CAST(body AS BLOB), receive_count FROM messages WHERE dead = 0 AND visible_at <= ? "
                     "ORDER BY visible_at, id LIMIT ?", (now, n - len(leases)),
                 ).fetchall()
                 if not rows:
@@ -110,7 +108,7 @@ class EmbeddedQueue:
                         "UPDATE messages SET receive_count = ?, receipt = ?, visible_at = ? WHERE id = ?",
                         (count + 1, receipt, now + visibility_timeout, msg_id),
                     )
-                    leases.append(Lease(str(msg_id), receipt, body, count + 1))
+                    leases.append(Lease(str(msg_id), receipt, _text(body), count + 1))
         return leases
 
     def _update_lease(self, lease: Lease, sql: str, *args) -> None:
@@ -138,13 +136,20 @@ class EmbeddedQueue:
 
     def dead_letters(self, max_messages: int = 10) -> list[str]:
         rows = self._db().execute(
-            "SELECT body FROM messages WHERE dead = 1 ORDER BY id LIMIT ?", (max_messages,)
+            "SELECT CAST(body AS BLOB) FROM messages WHERE dead = 1 ORDER BY id LIMIT ?", (max_messages,)
         ).fetchall()
-        return [r[0] for r in rows]
+        return [_text(r[0]) for r in rows]
 
     def purge(self) -> None:
         with self._write() as tx:
             tx.execute("DELETE FROM messages")
+
+
+def _text(body: bytes) -> str:
+    """A stored body as text.  Read as bytes: a body that is not UTF-8 (written by someone
+    else) must reach the worker, fail validation and be dead-lettered, not crash every
+    receive; its bad bytes show as escapes."""
+    return bytes(body).decode("utf-8", errors="backslashreplace")
 
 
 class _Transaction:

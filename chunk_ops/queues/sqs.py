@@ -19,6 +19,9 @@ from .base import DEFAULT_MAX_RECEIVES, Lease, LeaseLost, QueueCounts, batched
 _MAX_BATCH = 10  # SendMessageBatch / ReceiveMessage limit
 _SEND_THREADS = 16
 _IN_FLIGHT = 64
+# error codes that mean the receipt handle no longer holds the message
+_LEASE_GONE = {"ReceiptHandleIsInvalid", "MessageNotInflight", "AWS.SimpleQueueService.MessageNotInflight",
+               "InvalidReceiptHandle"}
 
 
 def sqs_client():
@@ -55,7 +58,9 @@ class SqsQueue:
             "Attributes"]["QueueArn"]
         redrive = json.dumps({"deadLetterTargetArn": dead_arn, "maxReceiveCount": str(max_receives)})
         url = self.client.create_queue(QueueName=self.name)["QueueUrl"]
-        self.client.set_queue_attributes(QueueUrl=url, Attributes={"RedrivePolicy": redrive})
+        current = self.client.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"]).get("Attributes", {})
+        if "RedrivePolicy" not in current:  # an existing queue keeps its receive limit
+            self.client.set_queue_attributes(QueueUrl=url, Attributes={"RedrivePolicy": redrive})
 
     def send_batch(self, bodies: Iterable[str]) -> int:
         """Send in SendMessageBatch calls of 10, several in flight at once.
@@ -96,12 +101,21 @@ class SqsQueue:
             for m in result.get("Messages", [])
         ]
 
+    def _lease_error(self, lease: Lease, error) -> Exception:
+        """LeaseLost when SQS says the receipt no longer holds the message; any other
+        error (throttling, a 5xx) is returned as it is, so callers retry it."""
+        code = error.response.get("Error", {}).get("Code", "")
+        message = error.response.get("Error", {}).get("Message", "")
+        if code in _LEASE_GONE or "receipt handle" in message.lower() or "not available" in message.lower():
+            return LeaseLost(f"message {lease.message_id}: {code}: {message}")
+        return error
+
     def _visibility(self, lease: Lease, seconds: int) -> None:
         try:
             self.client.change_message_visibility(
                 QueueUrl=self.queue_url, ReceiptHandle=lease.receipt, VisibilityTimeout=seconds)
         except self._ClientError as e:
-            raise LeaseLost(f"message {lease.message_id}: {e}") from None
+            raise self._lease_error(lease, e) from None
 
     def extend(self, lease: Lease, visibility_timeout: float) -> None:
         self._visibility(lease, math.ceil(visibility_timeout))
@@ -113,7 +127,7 @@ class SqsQueue:
         try:
             self.client.delete_message(QueueUrl=self.queue_url, ReceiptHandle=lease.receipt)
         except self._ClientError as e:
-            raise LeaseLost(f"message {lease.message_id}: {e}") from None
+            raise self._lease_error(lease, e) from None
 
     def _approximate(self, url: str) -> tuple[int, int]:
         attrs = self.client.get_queue_attributes(

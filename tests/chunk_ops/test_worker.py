@@ -16,7 +16,7 @@ import pytest
 
 from chunk_ops.job import Job
 from chunk_ops.local_pool import run_with_workers, worker_command
-from chunk_ops.queues import open_queue
+from chunk_ops.queues.stages import StageQueues
 from chunk_ops.stages import reference_pass
 from chunk_ops.submit import enqueue_stage, job_status, report_from_markers
 from chunk_ops.task import Task
@@ -29,7 +29,7 @@ ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"
 def _queue(kind: str, tmp_path: Path, max_receives: int = 3):
     url = (f"sqs://worker-{uuid.uuid4().hex[:12]}" if kind == "sqs"
            else f"file://{tmp_path}/{uuid.uuid4().hex[:8]}.sqlite")
-    return open_queue(url, create=True, max_receives=max_receives)
+    return StageQueues(url, create=True, max_receives=max_receives)
 
 
 def _read(job: Job) -> np.ndarray:
@@ -46,13 +46,13 @@ def test_poison_messages_end_in_the_dead_letter_queue(make_spec, tmp_path, reque
     outside = Task(job.id, job.spec_url, 1, job.plan[0].shift((1000, 0, 0))).to_json()
     wrong_types = json.dumps({"v": 1, "job": 7, "spec": job.spec_url, "stage": "1", "box": [0, 0, 0]})
     poison = ["{not json", json.dumps({"v": 2}), wrong_types, outside]
-    queue.send_batch(poison)
+    queue.of(1).send_batch(poison)
     assert enqueue_stage(job, queue, 1) == len(job.plan)
 
     summary = Worker(WorkerConfig(queue.url, visibility_timeout_s=30, idle_exit_s=1.5), queue).run()
 
     assert job.done_mask(1).all() and summary.done == len(job.plan)
-    counts = queue.counts()
+    counts = queue.counts(1)
     assert (counts.visible, counts.in_flight, counts.dead) == (0, 0, 4)
     assert sorted(queue.dead_letters(10)) == sorted(poison)
     assert summary.failed == 4 * 2  # each poison message was tried max_receives times, then redriven
@@ -83,11 +83,11 @@ def test_sigterm_finishes_the_task_within_the_grace_period(make_spec, tmp_path):
     queue = _queue("embedded", tmp_path)
     enqueue_stage(job, queue, 1)
     proc = _spawn(queue.url, grace_s=60)
-    _wait_until(lambda: queue.counts().in_flight == 1, 60, "the worker to lease the task")
+    _wait_until(lambda: queue.counts(1).in_flight == 1, 60, "the worker to lease the task")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(90) == 0, proc.stderr.read()
     assert job.done_mask(1).all()
-    assert queue.counts().pending == 0
+    assert queue.counts(1).pending == 0
 
 
 def test_sigterm_gives_the_task_back_when_the_grace_period_is_too_short(make_spec, tmp_path):
@@ -95,13 +95,13 @@ def test_sigterm_gives_the_task_back_when_the_grace_period_is_too_short(make_spe
     queue = _queue("embedded", tmp_path)
     enqueue_stage(job, queue, 1)
     proc = _spawn(queue.url, grace_s=1.0, visibility_timeout_s=600)
-    _wait_until(lambda: queue.counts().in_flight == 1, 60, "the worker to lease the task")
+    _wait_until(lambda: queue.counts(1).in_flight == 1, 60, "the worker to lease the task")
     time.sleep(0.5)
     signalled = time.time()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 143
     assert time.time() - signalled < 1.0 + 3.0  # grace, plus the heartbeat's poll
-    counts = queue.counts()
+    counts = queue.counts(1)
     assert (counts.visible, counts.in_flight) == (1, 0), "given back at once, not after the 600 s lease"
     assert not job.done_mask(1).any()
     assert '"event": "given_back"' in proc.stderr.read()
@@ -172,12 +172,12 @@ def test_chaos_kills_lose_nothing(make_spec, tmp_path):
     job.remove_scratch()
     report = report_from_markers(job, time.time() - started)
     result = {"chunks": len(job.plan), "kills": kills, "redeliveries": report.redeliveries,
-              "dead_letters": queue.counts().dead, "wall_s": round(report.wall_s, 1)}
+              "dead_letters": (queue.counts(1).dead + queue.counts(2).dead), "wall_s": round(report.wall_s, 1)}
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "chaos.json").write_text(json.dumps(result, indent=2))
     print("chaos:", result)
     assert kills >= 5
-    assert queue.counts().dead == 0
+    assert (queue.counts(1).dead + queue.counts(2).dead) == 0
     assert np.abs(_read(job) - reference_pass(job)).max() <= 1e-5
 
 
@@ -208,7 +208,7 @@ def test_transient_errors_retry_with_backoff_then_come_back_later(make_spec, tmp
     summary = Worker(config, queue).run()
     assert summary.failed == 1 and summary.done == 0
     assert time.time() - started >= 0.1 + 0.2  # two backoffs before giving up in place
-    counts = queue.counts()
+    counts = queue.counts(2)
     assert (counts.visible, counts.in_flight, counts.dead) == (0, 1, 0)  # back after a delay, not dead
 
     enqueue_stage(job, queue, 1)
@@ -263,9 +263,9 @@ def test_sigterm_past_the_grace_period_gives_back_every_task_in_flight(make_spec
     queue = _queue("embedded", tmp_path)
     enqueue_stage(job, queue, 1)
     proc = _spawn(queue.url, grace_s=1.0, visibility_timeout_s=600, extra=["--tasks-in-flight", "2"])
-    _wait_until(lambda: queue.counts().in_flight == 2, 60, "the worker to lease two tasks")
+    _wait_until(lambda: queue.counts(1).in_flight == 2, 60, "the worker to lease two tasks")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 143
-    counts = queue.counts()
+    counts = queue.counts(1)
     assert (counts.visible, counts.in_flight) == (len(job.plan), 0), "both leases given back at once"
     assert proc.stderr.read().count('"event": "given_back"') == 2

@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 from chunk_ops.job import Job
-from chunk_ops.queues import open_queue
+from chunk_ops.queues.stages import StageQueues
 from chunk_ops.submit import enqueue_stage
 from chunk_ops.worker import Worker, WorkerConfig
 
@@ -17,7 +17,7 @@ from chunk_ops.worker import Worker, WorkerConfig
 def prepared(make_spec, tmp_path):
     job = Job.open(make_spec(chunk=(16, 16, 4)))
     job.prepare()
-    queue = open_queue(f"file://{tmp_path}/q.sqlite", create=True)
+    queue = StageQueues(f"file://{tmp_path}/q.sqlite", create=True)
     return job, queue
 
 
@@ -61,8 +61,8 @@ def test_fires_success_when_every_chunk_is_done(prepared):
 def test_fires_an_error_when_the_queue_drains_unfinished(prepared):
     job, queue = prepared
     enqueue_stage(job, queue, 1)
-    while leases := queue.receive(max_messages=10, visibility_timeout=60):
+    while leases := queue.of(1).receive(max_messages=10, visibility_timeout=60):
         for lease in leases:
-            queue.delete(lease)  # lost without being done, as if dead-lettered
+            queue.of(1).delete(lease)  # lost without being done, as if dead-lettered
     event = _first_event(_trigger(job, queue), timeout=30)
     assert event.payload["status"] == "error" and event.payload["done"] < event.payload["total"]

@@ -1,0 +1,95 @@
+"""Whole-object writes on local disk, as object stores give them.
+
+GCS and S3 replace an object atomically: a reader sees the old bytes or the new
+ones, never a part.  cloud-files writes ``file://`` objects in place (truncate,
+then write), so a writer killed in between leaves a torn or empty file, and a
+block or done marker that a redelivery then trusts.  :func:`install` makes every
+``file://`` write of cloud-files (and so of cloud-volume) go to a temporary name
+in the same folder, then ``os.replace`` it over the target: atomic on POSIX file
+systems.  A writer killed before the rename leaves only a temporary file, which
+:func:`sweep_temporaries` removes once the job is finished.
+
+cloud-files has no hook for this, so its one method is replaced here, once, when
+``chunk_ops`` is imported; ``tests/chunk_ops/test_reliability.py`` checks it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from cloudfiles import interfaces
+
+TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]{8}$")
+
+
+def _temporary_name(path: str) -> str:
+    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _write_atomically(path: str, content) -> None:
+    tmp = _temporary_name(path)
+    try:
+        try:
+            f = open(tmp, "wb")
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            f = open(tmp, "wb")
+        with f:
+            if hasattr(content, "read"):
+                shutil.copyfileobj(content, f)
+            else:
+                f.write(content)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _put_file(self, file_path, content, content_type, compress, cache_control=None, storage_class=None):
+    """cloud-files' ``FileInterface.put_file``, with a temporary name and a rename."""
+    path = self.get_path_to_file(file_path)
+    lock_path = path
+    extension = self.get_extension(compress)
+    if os.path.splitext(path)[1] != extension:
+        path += extension
+    if isinstance(content, str) and content_type and re.search("json|te?xt", content_type):
+        content = content.encode("utf-8")
+    return self.io_with_lock(lambda: _write_atomically(path, content), lock_path, exclusive=True)
+
+
+def install() -> None:
+    if interfaces.FileInterface.put_file is not _put_file:
+        interfaces.FileInterface.put_file = _put_file
+
+
+def sweep_temporaries(folder: str | Path) -> int:
+    """Remove the temporary files that killed writers left under a local folder."""
+    removed = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if TEMPORARY.search(name):
+                try:
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+def local_path(url: str) -> Path | None:
+    """The folder of a ``file://`` URL (or plain path); None for object stores."""
+    if url.startswith("file://"):
+        return Path(url[len("file://"):])
+    if "://" not in url:
+        return Path(url)
+    return None
+
+
+install()
