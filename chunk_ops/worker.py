@@ -95,7 +95,7 @@ class _Heartbeat(threading.Thread):
         period = max(0.2, cfg.visibility_timeout_s / 3)
         next_extend = time.monotonic() + period
         # wake often: the SIGTERM grace deadline must be met whatever the lease length
-        while not self.stop_event.wait(0.2):
+        while not self.stop_event.wait(0.1):
             if self._past_grace():
                 self.worker.give_back_all_and_exit("SIGTERM grace period over")
             if self.past_deadline():
@@ -217,14 +217,19 @@ class Worker:
         """One task from the served stages' queues, merges first (they finish a run)."""
         queues = [(stage, q) for stage in sorted(self.config.stages, reverse=True)
                   if (q := self.queues.get(stage)) is not None]
-        for i, (stage, queue) in enumerate(queues):
-            last = i == len(queues) - 1
-            leases = queue.receive(1, self.config.visibility_timeout_s, wait_seconds=wait_s if last else 0.0)
-            if leases:
-                return leases[0], stage, queue
         if not queues:
             time.sleep(wait_s)
-        return None
+            return None
+        deadline = time.monotonic() + wait_s
+        share = 0.0  # a first look at every queue, then each waits its share, until the wait is over
+        while True:
+            for stage, queue in queues:
+                leases = queue.receive(1, self.config.visibility_timeout_s, wait_seconds=share)
+                if leases:
+                    return leases[0], stage, queue
+            if time.monotonic() >= deadline:
+                return None
+            share = wait_s / len(queues)
 
     def _count(self, what: str, stage: int | None = None) -> None:
         with self._lock:

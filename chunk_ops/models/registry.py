@@ -109,11 +109,14 @@ def _load_file(path: str, expected_sha256: str | None) -> ModuleType:
     _check_source(path, hashlib.sha256(source).hexdigest(), expected_sha256)
     name = f"chunk_ops_user_model_{hashlib.sha256(source).hexdigest()[:16]}"
     module = sys.modules.get(name)
-    if module is None:  # run the very bytes that were hashed
-        module = ModuleType(name)
-        module.__file__ = path
-        exec(compile(source, path, "exec"), module.__dict__)
+    if module is None:  # a file module like any other, but running the very bytes that were hashed
+        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
         sys.modules[name] = module
+        try:
+            exec(compile(source, path, "exec"), module.__dict__)
+        except BaseException:
+            del sys.modules[name]
+            raise
     return module
 
 

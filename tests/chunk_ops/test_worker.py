@@ -212,9 +212,11 @@ def test_transient_errors_retry_with_backoff_then_come_back_later(make_spec, tmp
     assert (counts.visible, counts.in_flight, counts.dead) == (0, 1, 0)  # back after a delay, not dead
 
     enqueue_stage(job, queue, 1)
-    Worker(WorkerConfig(queue.url, idle_exit_s=2.0), queue).run()  # stage 1, then the delayed merge
+    # stage 1, then the delayed merge (or, if it is visible again first, one more put-back)
+    Worker(WorkerConfig(queue.url, idle_exit_s=2.0, retries=2, backoff_s=0.1), queue).run()
     assert job.done_mask(1).all() and job.done_mask(2).all()
-    assert [r["receive_count"] for r in job.done_records(2)] == [2]
+    assert [r["receive_count"] for r in job.done_records(2)] in ([2], [3])
+    assert queue.counts(2).dead == 0
 
 
 class _TurnCounter:
