@@ -100,10 +100,11 @@ with DAG(
         if pool == "local":
             return list(range(w["local"]))
         hook = ChunkQueueHook(info["queue_url"], info["aws_conn_id"])
-        wanted = math.ceil(hook.get_queue().counts().pending / w["tasks_per_worker"])
+        wanted = math.ceil(hook.get_queues().counts(stage).pending / w["tasks_per_worker"])
         gpu = min(w["gpu"]["max"], wanted) if stage == 1 else 0
         count = gpu if pool == "gpu" else min(w["cpu"]["max"], max(0, wanted - gpu))
         pods = pod_kwargs(pool, stage, count, job_id=info["job_id"], queue_url=info["queue_url"],
+                          spec_prefix=info["spec_url"].rsplit("/", 1)[0] + "/",
                           cloud=w["cloud"], idle_exit_s=w["idle_exit_s"], lease_s=w["lease_s"],
                           env=hook.worker_env())
         return [{**kw, "image": w["image"], "namespace": w["namespace"]} for kw in pods]
@@ -120,10 +121,11 @@ with DAG(
 
         # the local pool's workers share this machine's cores instead of each taking all
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, info["workers"]["local"])))
-        queue = ChunkQueueHook(info["queue_url"], info["aws_conn_id"]).get_queue()
+        queues = ChunkQueueHook(info["queue_url"], info["aws_conn_id"]).get_queues()
         config = WorkerConfig(info["queue_url"], idle_exit_s=float(info["workers"]["idle_exit_s"]),
-                              visibility_timeout_s=float(info["workers"]["lease_s"]), pool="local")
-        summary = Worker(config, queue).run()
+                              visibility_timeout_s=float(info["workers"]["lease_s"]), pool="local",
+                              spec_prefixes=(info["spec_url"].rsplit("/", 1)[0] + "/",))
+        summary = Worker(config, queues).run()
         return {"index": index, "done": summary.done, "skipped": summary.skipped, "failed": summary.failed}
 
     def pod_pool(pool: str, stage: int, kwargs):
@@ -146,9 +148,9 @@ with DAG(
         from chunk_ops.submit import finish_job
         from chunkflow_airflow.hooks.chunk_queue import ChunkQueueHook
 
-        queue = ChunkQueueHook(info["queue_url"], info["aws_conn_id"]).get_queue()
-        summary = finish_job(Job.from_spec_url(info["spec_url"]), queue).to_dict()
-        summary["dead_letters"] = queue.counts().dead
+        queues = ChunkQueueHook(info["queue_url"], info["aws_conn_id"]).get_queues()
+        summary = finish_job(Job.from_spec_url(info["spec_url"]), queues).to_dict()
+        summary["dead_letters"] = queues.counts(1).dead + queues.counts(2).dead
         return summary
 
     @task

@@ -49,6 +49,49 @@ def test_invalid_conf_gets_400_naming_the_field_and_no_run(airflow, make_spec):
     assert _runs(airflow) == before
 
 
+@pytest.mark.parametrize("missing", ["input", "output", "model"])
+def test_a_conf_without_a_required_section_gets_400_and_no_run(airflow, make_spec, missing):
+    spec = make_spec()
+    del spec[missing]
+    before = _runs(airflow)
+    status, body = airflow.trigger(spec)
+    assert status == 400, body
+    assert missing in json.dumps(body)
+    assert _runs(airflow) == before
+
+
+def _failed_at_validate(airflow, spec: dict) -> str:
+    """Trigger; the run must fail in its validate task, before prepare. Returns validate's log."""
+    status, run = airflow.trigger(spec)
+    assert status == 200, run
+    assert airflow.wait_for_run(run["dag_run_id"], timeout_s=300) == "failed"
+    _, body = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances?limit=100")
+    states = {ti["task_id"]: ti["state"] for ti in body["task_instances"]}
+    assert states["validate"] == "failed" and states["prepare"] in ("upstream_failed", None), states
+    status, log = airflow.request(
+        "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances/validate/logs/1?full_content=true")
+    return json.dumps(log)
+
+
+def test_a_conf_with_an_unknown_key_fails_validate_naming_it_and_writes_nothing(airflow, make_spec):
+    spec = make_spec(output="typo")
+    spec["chunk_sise"] = [64, 64, 8]  # a typo of chunk_size
+    log = _failed_at_validate(airflow, spec)
+    assert "unknown job spec field(s) ['chunk_sise']" in log
+    assert not Path(spec["output"]["url"].removeprefix("file://")).exists()
+
+
+def test_a_model_definition_outside_the_allowlist_runs_nothing_over_rest(airflow, make_spec, tmp_path):
+    proof = tmp_path / "pwned"
+    spec = make_spec(output="hostile")
+    spec["model"]["definition"] = "os:system"
+    spec["model"]["kwargs"] = {"command": f"touch {proof}"}
+    log = _failed_at_validate(airflow, spec)
+    assert "model.definition 'os:system' is not allowed" in log
+    assert not proof.exists()
+    assert not Path(spec["output"]["url"].removeprefix("file://")).exists()
+
+
 def test_trigger_with_conf_poll_to_success_and_read_the_report(airflow, make_spec):
     spec = make_spec()
     spec["workers"] = {"local": 1, "idle_exit_s": 2}

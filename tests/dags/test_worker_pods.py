@@ -19,7 +19,8 @@ from tests.dags.rendered_pods import render_pods
 @pytest.mark.parametrize("pool", ["gpu", "cpu"])
 def test_rendered_pods_validate_strictly(dagbag, tmp_path, pool):
     dag = dagbag.get_dag("chunkflow_inference")
-    manifests = render_pods(dag, 1, pool, "sqs://run-42", {"AWS_DEFAULT_REGION": "us-east-1"})
+    manifests = render_pods(dag, 1, pool, "sqs://run-42", {"AWS_DEFAULT_REGION": "us-east-1"},
+                            spec_prefix="s3://lab/out/jobs/0123456789abcdef/")
     validate = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent))
     for manifest in manifests:
         path = tmp_path / f"{manifest['metadata']['name']}.json"
@@ -33,6 +34,13 @@ def test_rendered_pods_validate_strictly(dagbag, tmp_path, pool):
         assert ("nvidia.com/gpu" in limits) == (pool == "gpu")
         # GPU workers keep two tasks in flight, so chunk reads and writes overlap the GPU
         assert ("--tasks-in-flight" in container["args"]) == (pool == "gpu")
+        # GPU workers poll only the stage-1 queue: they never take a merge
+        args = container["args"]
+        assert (args[args.index("--stages") + 1] if "--stages" in args else "1,2") == ("1" if pool == "gpu" else "1,2")
+        # a pod opens only its run's spec; the operator's model allowlist travels with it
+        assert args[args.index("--spec-prefix") + 1] == "s3://lab/out/jobs/0123456789abcdef/"
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["CHUNK_OPS_MODEL_ALLOWLIST"] == os.environ["CHUNK_OPS_MODEL_ALLOWLIST"]
         # never root; SIGKILL comes after the worker's own grace period has passed
         assert manifest["spec"]["securityContext"]["runAsNonRoot"] is True
         assert manifest["spec"]["securityContext"]["runAsUser"] != 0
@@ -52,18 +60,20 @@ def test_rendered_pods_validate_strictly(dagbag, tmp_path, pool):
 def test_a_pods_command_and_env_process_tasks_from_sqs(dagbag, make_spec, moto_sqs, tmp_path):
     """Run what the pod would run, as a local process: same command, same env."""
     from chunk_ops.job import Job
-    from chunk_ops.queues import open_queue
+    from chunk_ops.queues.stages import StageQueues
     from chunk_ops.submit import enqueue_stage
 
     job = Job.open(make_spec())
     job.prepare()
-    queue = open_queue(f"sqs://pods-{uuid.uuid4().hex[:10]}", create=True)
+    queue = StageQueues(f"sqs://pods-{uuid.uuid4().hex[:10]}", create=True)
     assert enqueue_stage(job, queue, 1) == len(job.plan)
     env = {"AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_SQS": moto_sqs}
-    (manifest,) = render_pods(dagbag.get_dag("chunkflow_inference"), 1, "cpu", queue.url, env, count=1)
+    (manifest,) = render_pods(dagbag.get_dag("chunkflow_inference"), 1, "cpu", queue.url, env, count=1,
+                              spec_prefix=job.job_url + "/")
     container = manifest["spec"]["containers"][0]
     pod_env = {e["name"]: e["value"] for e in container["env"]}
-    assert pod_env == {**env, "CHUNK_OPS_POOL": "cpu"}
+    assert pod_env == {**env, "CHUNK_OPS_MODEL_ALLOWLIST": os.environ["CHUNK_OPS_MODEL_ALLOWLIST"],
+                       "CHUNK_OPS_POOL": "cpu"}
     args = container["args"]
     args[args.index("--idle-exit") + 1] = "2"  # a short idle exit for the test
     command = [str(Path(sys.executable).with_name(container["command"][0])), *args]
@@ -72,5 +82,5 @@ def test_a_pods_command_and_env_process_tasks_from_sqs(dagbag, make_spec, moto_s
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert job.done_mask(1).all()
-    assert queue.counts().pending == 0
+    assert queue.counts(1).pending == 0
     assert {r["pool"] for r in job.done_records(1)} == {"cpu"}

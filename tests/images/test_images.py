@@ -11,7 +11,7 @@ import pytest
 
 from chunk_ops.job import Job
 from chunk_ops.models.demo import write_demo_job
-from chunk_ops.queues import open_queue
+from chunk_ops.queues.stages import StageQueues
 from chunk_ops.sample import write_sample
 from chunk_ops.stages import reference_pass
 from chunk_ops.submit import enqueue_stage
@@ -33,7 +33,7 @@ def test_a_worker_container_runs_the_bundled_network_from_a_host_queue(docker, i
     job = Job.open(spec)
     job.prepare()
     share_with_containers(tmp_path)
-    queue = open_queue(f"sqs://image-{uuid.uuid4().hex[:10]}", create=True)
+    queue = StageQueues(f"sqs://image-{uuid.uuid4().hex[:10]}", create=True)
     name = f"chunk-ops-worker-test-{uuid.uuid4().hex[:6]}"
     run = ["run", "--rm", "--network", "host", "--volume", f"{tmp_path}:{tmp_path}",
            "--env", "AWS_DEFAULT_REGION=us-east-1", "--env", f"AWS_ENDPOINT_URL_SQS={moto_sqs}",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from chunk_ops.job import Job
-from chunk_ops.queues import open_queue
+from chunk_ops.queues.stages import StageQueues
 from chunk_ops.stages import reference_pass
 from chunk_ops.submit import enqueue_stage
 from chunk_ops.volume import Volume
@@ -78,7 +78,7 @@ class Pods:
 
 @pytest.fixture
 def pods(docker, images, dagbag, moto_sqs, tmp_path):
-    queue = open_queue(f"sqs://pods-docker-{uuid.uuid4().hex[:10]}", create=True)
+    queue = StageQueues(f"sqs://pods-docker-{uuid.uuid4().hex[:10]}", create=True)
     started = Pods(docker, dagbag.get_dag("chunkflow_inference"), images.worker, tmp_path, moto_sqs, queue.url)
     started.queue = queue
     yield started
@@ -108,8 +108,9 @@ def test_gpu_and_cpu_pods_from_the_dag_run_a_job_side_by_side(pods, make_spec, t
     assert job.done_mask(2).all()
     got = Volume(job.spec.output_url, 0).read(job.roi)
     assert np.abs(got - reference_pass(job)).max() <= 1e-5
-    counts = pods.queue.counts()
-    assert (counts.pending, counts.dead) == (0, 0)
+    for stage in (1, 2):
+        counts = pods.queue.counts(stage)
+        assert (counts.pending, counts.dead) == (0, 0)
 
 
 def test_docker_stop_mid_task_gives_the_chunk_back_and_another_pod_finishes(pods, make_spec, tmp_path):
@@ -136,5 +137,6 @@ def test_docker_stop_mid_task_gives_the_chunk_back_and_another_pod_finishes(pods
     assert pods.wait(pods.start(pods.manifest("cpu", 2))) == 0
     got = Volume(job.spec.output_url, 0).read(job.roi)
     assert np.abs(got - reference_pass(job)).max() <= 1e-5
-    counts = pods.queue.counts()
-    assert (counts.pending, counts.in_flight, counts.dead) == (0, 0, 0)
+    for stage in (1, 2):
+        counts = pods.queue.counts(stage)
+        assert (counts.pending, counts.in_flight, counts.dead) == (0, 0, 0)

@@ -27,15 +27,20 @@ class ChunkQueueHook(BaseHook):
 
         return SqsHook(aws_conn_id=self.aws_conn_id)
 
-    def get_queue(self, create: bool = False):
-        if self.queue_url.startswith("sqs://"):
+    def _open(self, url: str, *, create: bool = False, max_receives: int | None = None):
+        if url.startswith("sqs://"):
             from chunk_ops.queues.sqs import SqsQueue
 
-            return SqsQueue(self.queue_url, create=create, max_receives=self.max_receives,
-                            client=self.sqs_hook.get_conn())
+            return SqsQueue(url, create=create, max_receives=max_receives, client=self.sqs_hook.get_conn())
         from chunk_ops.queues import open_queue
 
-        return open_queue(self.queue_url, create=create, max_receives=self.max_receives)
+        return open_queue(url, create=create, max_receives=max_receives)
+
+    def get_queues(self, create: bool = False):
+        """The run's stage queues (``chunk_ops.queues.stages``), through this hook's connection."""
+        from chunk_ops.queues.stages import StageQueues
+
+        return StageQueues(self.queue_url, create=create, max_receives=self.max_receives, opener=self._open)
 
     def worker_env(self) -> dict[str, str]:
         """Environment for a worker pod or process to reach the same queue."""

@@ -37,7 +37,7 @@ class EnqueueChunksOperator(BaseOperator):
         from chunk_ops.submit import enqueue_stage
 
         job = Job.from_spec_url(self.spec_url)
-        sent = enqueue_stage(job, self.hook.get_queue(create=True), int(self.stage))
+        sent = enqueue_stage(job, self.hook.get_queues(create=True), int(self.stage))
         self.log.info("stage %s of job %s: %d tasks sent, %d already done",
                       self.stage, job.id, sent, len(job.plan) - sent)
         return sent

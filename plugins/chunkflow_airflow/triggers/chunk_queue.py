@@ -14,7 +14,7 @@ def stage_progress(spec_url: str, queue_url: str, stage: int, aws_conn_id: str |
     from chunkflow_airflow.hooks.chunk_queue import ChunkQueueHook
 
     job = Job.from_spec_url(spec_url)
-    counts = ChunkQueueHook(queue_url, aws_conn_id).get_queue().counts()
+    counts = ChunkQueueHook(queue_url, aws_conn_id).get_queues().counts(stage)
     done = int(job.done_mask(stage).sum())
     return {"job_id": job.id, "stage": stage, "done": done, "total": len(job.plan),
             "visible": counts.visible, "in_flight": counts.in_flight, "dead": counts.dead}

@@ -3,6 +3,9 @@
 Each top-level field of the job spec becomes a Param whose JSON schema is that
 field's schema (``$ref``s inlined), so the web UI renders a trigger form and the
 REST API rejects a conf that breaks the schema with HTTP 400, before any run.
+The required sections (input, output, model) have no default: a conf without one
+is refused with HTTP 400, never run on placeholder paths.  Keys that are not job
+spec fields (a typo) fail the run's validate task, before anything is written.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from typing import Any
 
 from airflow.sdk import Param
 
-from chunk_ops.spec import job_spec_schema
+from chunk_ops.spec import SpecError, job_spec_schema
 
-# Values the form starts with; the sample job of `make demo` uses the same shape.
+# Examples shown with the required sections (not defaults); `make demo`'s job has this shape.
 EXAMPLE = {
     "input": {"url": "file:///data/em", "mip": 0},
     "output": {"url": "file:///data/affinities", "dtype": "float32", "block_size": [64, 64, 12]},
@@ -43,9 +46,10 @@ def job_params() -> dict[str, Param]:
         sub = _inline(copy.deepcopy(sub), defs)
         default = sub.pop("default", None)
         description = sub.pop("description", None)
-        if name in required:
-            default = EXAMPLE.get(name, default)
-        elif sub.get("type") == "object":
+        if name in required:  # no default: a trigger must give it
+            params[name] = Param(description=description, title=name, examples=[EXAMPLE[name]], **sub)
+            continue
+        if sub.get("type") == "object":
             # optional: null, or {} as the web form shows an empty object field, or the object
             sub["type"] = ["object", "null"]
             if "required" in sub:
@@ -58,6 +62,12 @@ def job_params() -> dict[str, Param]:
 
 
 def spec_from_params(params: dict) -> dict:
-    """The job spec document: the schema's fields that were given (None or {} means absent)."""
+    """The job spec document: the schema's fields that were given (None or {} means absent).
+
+    A key that is no field of the job spec is refused, naming it: a typo must not be
+    silently ignored."""
     names = job_spec_schema()["properties"]
-    return {k: v for k, v in params.items() if k in names and v is not None and v != {}}
+    unknown = sorted(k for k in params if k not in names)
+    if unknown:
+        raise SpecError(f"unknown job spec field(s) {unknown} in the run's conf; the fields are {sorted(names)}")
+    return {k: v for k, v in params.items() if v is not None and v != {}}

@@ -35,30 +35,43 @@ def check_pools(workers: dict, queue_url: str) -> None:
     )
 
 
+def _allowlist_env() -> dict[str, str]:
+    import os
+
+    from chunk_ops.models.registry import ALLOWLIST_ENV
+
+    return {ALLOWLIST_ENV: os.environ[ALLOWLIST_ENV]} if os.environ.get(ALLOWLIST_ENV) else {}
+
+
 # A preempted pod gets SIGTERM, then SIGKILL after this many seconds (spot nodes give about
 # 30 s of notice); the worker finishes or gives back its task within WORKER_GRACE_S of it.
 TERMINATION_GRACE_S = 30
 WORKER_GRACE_S = 20
 
 
-def worker_arguments(queue_url: str, idle_exit_s: float, lease_s: float, pool: str = "cpu") -> list[str]:
+def worker_arguments(queue_url: str, idle_exit_s: float, lease_s: float, pool: str = "cpu",
+                     spec_prefix: str | None = None) -> list[str]:
     args = ["worker", "--queue", queue_url, "--idle-exit", str(idle_exit_s), "--visibility-timeout", str(lease_s),
             "--grace", str(WORKER_GRACE_S)]
-    if pool == "gpu":  # two tasks share the GPU: one reads or writes while the other computes
-        args += ["--tasks-in-flight", "2"]
+    if pool == "gpu":  # two tasks share the GPU: one reads or writes while the other computes;
+        # and GPUs never merge: they poll only the stage-1 queue
+        args += ["--tasks-in-flight", "2", "--stages", "1"]
+    if spec_prefix:  # the pod opens this run's spec only
+        args += ["--spec-prefix", spec_prefix]
     return args
 
 
 def pod_kwargs(pool: str, stage: int, count: int, *, job_id: str, queue_url: str, cloud: str,
-               idle_exit_s: float, lease_s: float, env: dict[str, str]) -> list[dict]:
+               idle_exit_s: float, lease_s: float, env: dict[str, str], spec_prefix: str | None = None) -> list[dict]:
     """Per-pod arguments for ``KubernetesPodOperator.partial(...).expand_kwargs(...)``."""
     selector, tolerations = SPOT[cloud]
     tolerations = tolerations + ([GPU_TOLERATION] if pool == "gpu" else [])
     return [
         {
             "name": f"chunk-ops-{pool}-s{stage}-{job_id[:8]}-{i}",
-            "arguments": worker_arguments(queue_url, idle_exit_s, lease_s, pool),
-            "env_vars": {**env, "CHUNK_OPS_POOL": pool},
+            "arguments": worker_arguments(queue_url, idle_exit_s, lease_s, pool, spec_prefix),
+            # the operator's model allowlist travels with the pods (never from the trigger)
+            "env_vars": {**env, **_allowlist_env(), "CHUNK_OPS_POOL": pool},
             "node_selector": dict(selector),
             "tolerations": [dict(t) for t in tolerations],
             "labels": {"app": "chunk-ops-worker", "pool": pool, "job": job_id[:16], "stage": str(stage)},
