@@ -131,12 +131,14 @@ def run(shape: tuple[int, int, int], chunk: tuple[int, int, int]) -> dict:
 
         meter, s1, s2, forward = Meter(), ChunkStats(), ChunkStats(), 0.0
         for c in chunks:  # side by side, so drift on a shared machine hits both alike
-            with meter:
-                s1.add(run_stage1(job, c))
+            with meter:  # the worker's path: stage 1, then its marker (the partial's checksum)
+                stats, extra = run_stage1(job, c)
+                job.mark_done(1, c, {**stats.to_dict(), **extra, "finished_at": time.time()})
+                s1.add(stats)
             forward += forward_only(job, c)
         with meter:
             for c in chunks:
-                s2.add(run_stage2(job, c))
+                s2.add(run_stage2(job, c)[0])
             job.remove_scratch()
         return dict(shape=shape, chunk=chunk, chunks=len(chunks), patches=s1.patches, voxels=job.roi.size,
                     batch=pred.batch_size, total=meter.seconds, forward=forward, s1=s1, s2=s2,

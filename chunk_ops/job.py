@@ -126,8 +126,9 @@ class Job:
         document = files.get_json(name)
         if document is None:
             raise SpecError(f"no job spec at {spec_url}")
-        recorded = files.get(["model.sha256", "definition.sha256"])
-        model, definition = (r["content"].decode() if r["content"] else None for r in recorded)
+        recorded = {r["path"]: r["content"] for r in files.get(["model.sha256", "definition.sha256"])}
+        model, definition = (recorded.get(n).decode() if recorded.get(n) else None
+                             for n in ("model.sha256", "definition.sha256"))
         if model is None:
             return cls.open(document)
         return cls.open(document, model_sha256=model, definition_sha256=definition)
