@@ -17,7 +17,8 @@
 - Fencing: right before each write (partial sum, output, done marker) the worker
   renews its lease synchronously; a worker that lost it (frozen or cut off past its
   lease, and the task redone or deleted meanwhile) abandons the task and writes
-  nothing.  A task running past ``task_deadline_s`` (a hung read) is no longer
+  nothing.  What is left is the span between a renewal and the write it guards:
+  a process frozen exactly there writes once it resumes (docs/reliability.md).  A task running past ``task_deadline_s`` (a hung read) is no longer
   renewed: the worker gives its leases back and exits, so the chunk moves on.
 - Stages: one queue per stage (:mod:`.queues.stages`); a worker polls only the
   stages it serves (``stages``), so a GPU worker told ``(1,)`` never merges.

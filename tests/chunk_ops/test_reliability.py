@@ -240,8 +240,11 @@ def test_a_model_definition_outside_the_allowlist_is_refused_before_any_import(m
     assert not _folder(spec["output"]["url"]).exists()
 
 
-def test_a_message_naming_a_spec_written_by_someone_else_runs_nothing(make_spec, tmp_path):
-    """A hostile spec.json (its own job id, a shell command as its network) on a queue."""
+def test_a_message_naming_a_spec_written_by_someone_else_runs_nothing(make_spec, tmp_path, monkeypatch):
+    """A hostile spec.json (a shell command as its network) on a queue, in a message carrying
+    the hostile document's own job id, as an attacker can compute it."""
+    from chunk_ops.spec import job_id
+
     proof = tmp_path / "pwned"
     spec = make_spec()
     job = _prepared(spec)
@@ -251,7 +254,10 @@ def test_a_message_naming_a_spec_written_by_someone_else_runs_nothing(make_spec,
                                   "kwargs": {"command": f"touch {proof}"}}}
     (hostile_dir / "spec.json").write_text(json.dumps(document))
     (hostile_dir / "model.sha256").write_text(job.model_sha256)
-    hostile = Task(job.id, f"file://{hostile_dir}/spec.json", 1, job.plan[0]).to_json()
+    with monkeypatch.context() as m:  # the attacker's own computation of that id
+        m.setenv("CHUNK_OPS_MODEL_ALLOWLIST", "os:system")
+        hostile_id = job_id(parse_spec(document), job.model_sha256, job.roi)
+    hostile = Task(hostile_id, f"file://{hostile_dir}/spec.json", 1, job.plan[0]).to_json()
     for prefixes in ((), (job.job_url + "/",)):  # refused by the allowlist; and by the spec prefix first
         queues = _queues(tmp_path, max_receives=1)
         queues.of(1).send_batch([hostile])
