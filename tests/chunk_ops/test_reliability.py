@@ -35,6 +35,7 @@ from chunk_ops.task import Task, TaskError
 from chunk_ops.volume import Volume
 from chunk_ops.worker import EXIT_DEADLINE, Worker, WorkerConfig
 from tests.chunk_ops.conftest import NETS_FILE, save_net
+from tests.chunk_ops.test_worker import _wait_until
 
 REPO = Path(__file__).parents[2]
 
@@ -69,14 +70,6 @@ def _hooked_worker(queue_url: str, hooks: dict, *args: str) -> subprocess.Popen:
 
 def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
-def _wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.time() + timeout_s
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _wait_stopped(proc: subprocess.Popen, what: str) -> None:
