@@ -44,10 +44,10 @@ def make_inputs(folder: Path, chunks_xyz=(400, 500, 50)) -> None:
 
     from chunk_ops.geometry import Box, Vec3
     from chunk_ops.models.rsunet import RSUNet
-    from chunk_ops.volume import Volume
+    from chunk_ops.volumes import create_volume
 
     folder.mkdir(parents=True, exist_ok=True)
-    Volume.create(f"file://{folder}/image", bounds=Box.from_shape((0, 0, 0), Vec3(*CHUNK) * chunks_xyz),
+    create_volume(f"file://{folder}/image", bounds=Box.from_shape((0, 0, 0), Vec3(*CHUNK) * chunks_xyz),
                   block_size=Vec3(64, 64, 16), dtype="uint8", num_channels=1, resolution=(4, 4, 40))
     torch.save(RSUNet(widths=(4, 8)).state_dict(), folder / "net.pt")
 

@@ -245,10 +245,10 @@ def evaluate(segmentation: str, truth: str) -> None:
 
 def _read_layer_pair(url: str, truth_url: str):
     """Two single-channel layers with the same bounds, read whole as (z, y, x) arrays."""
-    from .volume import Volume, VolumeError
+    from .volumes import VolumeError, open_volume
 
     try:
-        layer, truth = Volume(url, 0), Volume(truth_url, 0)
+        layer, truth = open_volume(url, 0), open_volume(truth_url, 0)
         if layer.bounds != truth.bounds:
             raise click.ClickException(f"{url} bounds {layer.bounds} differ from {truth_url} bounds {truth.bounds}")
         return layer.read(layer.bounds)[0], truth.read(truth.bounds)[0]

@@ -16,7 +16,7 @@ import tinybrain
 from cloudvolume import CloudVolume
 
 from .geometry import Box, ChunkPlan, Vec3
-from .volume import Volume
+from .volumes import Volume, open_volume
 
 FACTOR = Vec3(2, 2, 1)
 
@@ -42,7 +42,7 @@ def add_mip(url: str, factor: Vec3 = FACTOR) -> int:
 
 def build_mip(url: str, mip: int, chunk_blocks: int = 4) -> int:
     """Fill mip ``mip`` from mip ``mip - 1``; returns the number of chunks written."""
-    source, target = Volume(url, mip - 1), Volume(url, mip)
+    source, target = open_volume(url, mip - 1), open_volume(url, mip)
     factor = Vec3.of([round(t / s) for t, s in zip(target.resolution, source.resolution)])
     chunk = target.block_size * Vec3(chunk_blocks, chunk_blocks, 1)
     plan = ChunkPlan(target.bounds, chunk, target.bounds.start)

@@ -40,7 +40,7 @@ from .models.loading import model_sha256 as sha256_of
 from .models.registry import definition_sha256 as source_sha256_of
 from .spec import JobSpec, SpecError, job_id, parse_spec
 from . import storage
-from .volume import Volume, VolumeError
+from .volumes import Volume, VolumeError, create_volume, open_volume, volume_exists
 
 
 class NotReady(RuntimeError):
@@ -74,7 +74,7 @@ class Job:
         verified then."""
         if isinstance(spec, dict):
             spec = parse_spec(spec)
-        source = Volume(spec.input_url, spec.input_mip, fill_value=spec.fill_value)
+        source = open_volume(spec.input_url, spec.input_mip, fill_value=spec.fill_value)
         if source.num_channels != spec.model.in_channels:
             raise ModelError(
                 f"input layer {spec.input_url} has {source.num_channels} channels but "
@@ -98,7 +98,7 @@ class Job:
         except ValueError as e:
             raise SpecError(str(e)) from None
         origin = roi.start
-        if Volume.exists(spec.output_url):
+        if volume_exists(spec.output_url):
             origin = _check_existing_output(spec, roi).bounds.start
         model_bytes = None
         if model_sha256 is None:
@@ -171,7 +171,7 @@ class Job:
 
     @cached_property
     def output(self) -> Volume:
-        return Volume(self.spec.output_url, 0)
+        return open_volume(self.spec.output_url, 0)
 
     @cached_property
     def scratch(self) -> CloudFiles:
@@ -185,8 +185,8 @@ class Job:
     def prepare(self) -> None:
         """Check the model, create the output layer if needed, store the spec."""
         self.predictor  # loads and runs the model once; raises ModelError
-        if not Volume.exists(self.spec.output_url):
-            Volume.create(
+        if not volume_exists(self.spec.output_url):
+            create_volume(
                 self.spec.output_url, bounds=self.roi, block_size=self.spec.block_size,
                 dtype=self.spec.output_dtype, num_channels=self.spec.model.out_channels,
                 resolution=self.input.resolution,
@@ -322,7 +322,7 @@ def _valid_marker(data: bytes | None) -> dict | None:
 
 
 def _check_existing_output(spec: JobSpec, roi: Box) -> Volume:
-    out = Volume(spec.output_url, 0)
+    out = open_volume(spec.output_url, 0)
     problems = []
     if out.num_channels != spec.model.out_channels:
         problems.append(f"{out.num_channels} channels, model.out_channels is {spec.model.out_channels}")

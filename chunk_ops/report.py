@@ -85,19 +85,19 @@ def _label_colours(labels: np.ndarray) -> np.ndarray:
 
 def section_picture(job: Job) -> bytes:
     """PNG: input | output | [segmentation |] chunk states, at the middle z section of the region."""
-    from .volume import Volume
+    from .volumes import open_volume, volume_exists
 
     z = (job.roi.start.z + job.roi.stop.z) // 2
     plane = Box((job.roi.start.x, job.roi.start.y, z), (job.roi.stop.x, job.roi.stop.y, z + 1))
     raw = job.input.read(plane)[0, 0]
-    out = Volume(job.spec.output_url, 0).read(plane)[:, 0]
+    out = open_volume(job.spec.output_url, 0).read(plane)[:, 0]
     left = Image.fromarray(_to_uint8(raw)).convert("RGB")
     right = Image.fromarray(np.stack([_to_uint8(c) for c in out[:3]], -1)) if len(out) >= 3 \
         else Image.fromarray(_to_uint8(out[0])).convert("RGB")
     images = [left, right]
     segmentation = job.spec.segmentation
-    if segmentation["method"] != "none" and Volume.exists(segmentation["url"]):
-        images.append(Image.fromarray(_label_colours(Volume(segmentation["url"], 0).read(plane)[0, 0])))
+    if segmentation["method"] != "none" and volume_exists(segmentation["url"]):
+        images.append(Image.fromarray(_label_colours(open_volume(segmentation["url"], 0).read(plane)[0, 0])))
     images.append(_chunk_map(job, z, left.size))
     zoom = max(1, 256 // max(left.width, left.height))  # small regions: big enough to see
     panels = [im.resize((im.width * zoom, im.height * zoom), Image.NEAREST) for im in images]

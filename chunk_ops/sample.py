@@ -25,7 +25,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from .geometry import Box, Vec3
-from .volume import Volume
+from .volumes import Volume, create_volume
 
 RESOLUTION_NM = (4, 4, 40)
 
@@ -130,11 +130,11 @@ def write_sample(url: str, shape_xyz, *, seed: int = 0, labels_url: str | None =
     shape = Vec3.of(shape_xyz)
     bounds = Box.from_shape(Vec3.of(offset), shape)
     image, truth = synthetic_em(shape, seed)
-    vol = Volume.create(url, bounds=bounds, block_size=Vec3.of(block_size), dtype="uint8",
+    vol = create_volume(url, bounds=bounds, block_size=Vec3.of(block_size), dtype="uint8",
                         num_channels=1, resolution=RESOLUTION_NM)
     vol.write(bounds, image[None])
     if labels_url is not None:
-        labels = Volume.create(labels_url, bounds=bounds, block_size=Vec3.of(block_size), dtype="uint32",
+        labels = create_volume(labels_url, bounds=bounds, block_size=Vec3.of(block_size), dtype="uint32",
                                num_channels=1, resolution=RESOLUTION_NM, layer_type="segmentation")
         labels.write(bounds, truth[None])
     return vol

@@ -117,22 +117,22 @@ def segment_job(job) -> dict:
 
     from cloudfiles import CloudFiles
 
-    from .volume import Volume
+    from .volumes import create_volume, open_volume, volume_exists
 
     options = job.spec.segmentation
     if options["method"] == "none":
         return {}
     started = time.perf_counter()
-    affs = Volume(job.spec.output_url, 0).read(job.roi)
+    affs = open_volume(job.spec.output_url, 0).read(job.roi)
     labels = segment(affs, options["method"], options["threshold"])
-    if not Volume.exists(options["url"]):
-        Volume.create(options["url"], bounds=job.roi, block_size=job.spec.block_size, dtype="uint32",
+    if not volume_exists(options["url"]):
+        create_volume(options["url"], bounds=job.roi, block_size=job.spec.block_size, dtype="uint32",
                       num_channels=1, resolution=job.input.resolution, layer_type="segmentation")
-    Volume(options["url"], 0).write(job.roi, labels[None])
+    open_volume(options["url"], 0).write(job.roi, labels[None])
     result = {"url": options["url"], "method": options["method"], "threshold": options["threshold"],
               "segments": int(labels.max()), "seconds": round(time.perf_counter() - started, 2)}
     if options["truth_url"]:
-        truth = Volume(options["truth_url"], 0).read(job.roi)[0]
+        truth = open_volume(options["truth_url"], 0).read(job.roi)[0]
         result["adapted_rand_error"] = round(adapted_rand_error(truth, labels), 4)
     CloudFiles(job.job_url).put_json("segmentation.json", result)
     return result

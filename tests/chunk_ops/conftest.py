@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from chunk_ops.sample import write_sample
-from chunk_ops.volume import Volume
+from chunk_ops.volumes import volume_exists
 from tests.chunk_ops import nets
 
 NETS_FILE = Path(nets.__file__)
@@ -33,7 +33,7 @@ def make_spec(tmp_path):
         output="out",
     ) -> dict:
         image_url = f"file://{tmp_path}/image"
-        if not Volume.exists(image_url):
+        if not volume_exists(image_url):
             write_sample(image_url, shape, seed=seed, block_size=(16, 16, 4))
         kwargs = net_kwargs if net_kwargs is not None else (
             {"in_channels": in_channels, "out_channels": out_channels} if "Conv" in net else {}

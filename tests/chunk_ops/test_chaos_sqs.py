@@ -39,7 +39,7 @@ from chunk_ops.geometry import Box, Vec3
 from chunk_ops.job import Job
 from chunk_ops.stages import reference_pass
 from chunk_ops.submit import check_stage_done, finish_job, stage_messages
-from chunk_ops.volume import Volume
+from chunk_ops.volumes import open_volume
 from tests.chunk_ops.test_worker import ARTIFACTS, _queue, _slow_job, _spawn, _wait_until
 
 VISIBILITY_S = 3.0  # SQS counts whole seconds
@@ -138,7 +138,7 @@ def _mid_task(worker: _Worker, queues, stage: int) -> bool:
 
 
 def _output_blocks(job) -> list[Box]:
-    out = Volume(job.spec.output_url, 0)
+    out = open_volume(job.spec.output_url, 0)
     b, size = out.bounds, out.block_size
     boxes = []
     for z in range(b.start.z, b.stop.z, size.z):
@@ -327,14 +327,14 @@ def test_chaos_on_sqs_kills_freezes_and_duplicates_lose_nothing(moto_sqs, make_s
     reference = _reference_job(make_spec)
     assert (reference.roi, len(reference.plan), len(reference.grid)) == (job.roi, len(job.plan), len(job.grid))
     expected = reference_pass(reference)
-    assert np.abs(Volume(job.spec.output_url, 0).read(job.roi) - expected).max() <= 1e-5
+    assert np.abs(open_volume(job.spec.output_url, 0).read(job.roi) - expected).max() <= 1e-5
     out_dir = storage.local_path(job.spec.output_url)
     scale_dir = out_dir / CloudVolume(job.spec.output_url, mip=0, progress=False).key
     files = [p for p in scale_dir.iterdir() if p.is_file()]
     blocks = _output_blocks(job)
     assert len(files) == len(blocks), sorted(p.name for p in files)
     assert [p.name for p in files if p.stat().st_size == 0] == []
-    single = Volume(job.spec.output_url, 0)
+    single = open_volume(job.spec.output_url, 0)
     for box in blocks:
         part = box.intersection(job.roi)
         block = single.read(box)  # fill_missing is off: a missing or undecodable block raises

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chunk_ops.volume import Volume
+from chunk_ops.volumes import open_volume
 
 CHUNK_OPS = str(Path(sys.executable).with_name("chunk-ops"))
 
@@ -39,7 +39,7 @@ def test_validate_then_run(make_spec, tmp_path):
     assert report["job_id"] == summary["job_id"] and report["amplification"] == 1.0
     stored = json.loads((out_dir / "jobs" / report["job_id"] / "report.json").read_text())
     assert stored["patches_evaluated"] == report["patches_evaluated"] > 0
-    out = Volume(spec["output"]["url"], 0).read(Volume(spec["output"]["url"], 0).bounds)
+    out = open_volume(spec["output"]["url"], 0).read(open_volume(spec["output"]["url"], 0).bounds)
     assert out.shape == (1, 12, 36, 40) and 0 < out.min() and out.max() < 1  # sigmoid outputs everywhere
 
 
@@ -60,7 +60,7 @@ def test_bad_job_exits_non_zero_with_the_reason(make_spec, tmp_path):
 def test_sample_writes_a_layer(tmp_path):
     result = _chunk_ops("sample", f"file://{tmp_path}/em", "--shape", "64", "48", "8", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    vol = Volume(f"file://{tmp_path}/em", 0)
+    vol = open_volume(f"file://{tmp_path}/em", 0)
     image = vol.read(vol.bounds)
     assert image.shape == (1, 8, 48, 64) and image.dtype == np.uint8
     assert image.std() > 10  # membranes and texture, not a flat image
@@ -101,7 +101,7 @@ def test_submit_workers_and_status_over_sqs(make_spec, tmp_path, moto_sqs):
     assert json.loads(again.stdout)["sent"] == 0  # a rerun of a finished job sends nothing
 
     job = Job.open(spec)
-    assert np.abs(Volume(spec["output"]["url"], 0).read(job.roi) - reference_pass(job)).max() <= 1e-5
+    assert np.abs(open_volume(spec["output"]["url"], 0).read(job.roi) - reference_pass(job)).max() <= 1e-5
 
 
 def test_sample_with_labels_then_evaluate(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 from chunk_ops.downsample import build_pyramid
 from chunk_ops.geometry import Box, Vec3
-from chunk_ops.volume import Volume
+from chunk_ops.volumes import create_volume, open_volume
 
 
 def _mean_2x2(czyx: np.ndarray) -> np.ndarray:
@@ -20,14 +20,14 @@ def _mean_2x2(czyx: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("dtype", ["float32", "uint8"])
 def test_two_levels_match_the_oracle(tmp_path, dtype):
     bounds = Box((0, 0, 0), (70, 45, 6))  # odd sizes on purpose
-    vol = Volume.create(f"file://{tmp_path}/layer", bounds=bounds, block_size=Vec3(16, 16, 2),
+    vol = create_volume(f"file://{tmp_path}/layer", bounds=bounds, block_size=Vec3(16, 16, 2),
                         dtype=dtype, num_channels=2, resolution=(4, 4, 40))
     rng = np.random.default_rng(0)
     data = (rng.random((2, 6, 45, 70)) * (255 if dtype == "uint8" else 1)).astype(dtype)
     vol.write(bounds, data)
 
     assert build_pyramid(vol.url, 2) == [3, 3]  # chunks of 4x4x1 blocks: 3 z-slabs per level
-    mip1, mip2 = Volume(vol.url, 1), Volume(vol.url, 2)
+    mip1, mip2 = open_volume(vol.url, 1), open_volume(vol.url, 2)
     assert mip1.resolution == [8, 8, 40] and mip2.resolution == [16, 16, 40]
     expected1 = _mean_2x2(data)
     got1 = mip1.read(mip1.bounds)

@@ -14,7 +14,7 @@ from chunk_ops.engines import ModelError, TorchEngine, cpu_has_bf16
 from chunk_ops.job import Job
 from chunk_ops.models.rsunet import RSUNet
 from chunk_ops.stages import run_local
-from chunk_ops.volume import Volume
+from chunk_ops.volumes import open_volume
 from tests.chunk_ops import nets
 
 
@@ -44,8 +44,8 @@ def test_every_format_gives_the_same_volume(make_spec, tmp_path, fmt):
     del spec["model"]["definition"], spec["model"]["kwargs"]
     job = Job.open(spec)
     run_local(job)
-    a = Volume(reference_spec["output"]["url"], 0).read(reference.roi)
-    b = Volume(spec["output"]["url"], 0).read(job.roi)
+    a = open_volume(reference_spec["output"]["url"], 0).read(reference.roi)
+    b = open_volume(spec["output"]["url"], 0).read(job.roi)
     assert job.predictor.engine.name.startswith("onnxruntime" if fmt == "onnx" else "torch")
     assert np.abs(a - b).max() <= 1e-5
 

@@ -18,7 +18,7 @@ from chunk_ops.segment import adapted_rand_error, components, intensity_baseline
 from chunk_ops.spec import DEFAULT_THRESHOLDS
 from chunk_ops.stages import run_local
 from chunk_ops.train import TRAIN_SEEDS
-from chunk_ops.volume import Volume
+from chunk_ops.volumes import open_volume, volume_exists
 
 ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"
 HELD_OUT_SEED = 7
@@ -35,14 +35,14 @@ def test_held_out_adapted_rand_error_is_at_most_0_10_and_beats_the_baseline(tmp_
     report = run_local(job)
     seg = report.segmentation
     assert report.amplification == 1.0
-    assert seg["method"] == "watershed" and Volume.exists(seg["url"])
+    assert seg["method"] == "watershed" and volume_exists(seg["url"])
 
     # the stored segmentation is what was scored
     image, truth = synthetic_em(SHAPE, seed=HELD_OUT_SEED)
-    stored = Volume(seg["url"], 0).read(job.roi)[0]
+    stored = open_volume(seg["url"], 0).read(job.roi)[0]
     assert round(adapted_rand_error(truth, stored), 4) == seg["adapted_rand_error"]
 
-    affinities = Volume(spec["output"]["url"], 0).read(job.roi)
+    affinities = open_volume(spec["output"]["url"], 0).read(job.roi)
     components_error = adapted_rand_error(truth, components(affinities, DEFAULT_THRESHOLDS["components"]))
     baseline = {t: adapted_rand_error(truth, intensity_baseline(image, t)) for t in range(60, 200, 10)}
     best_threshold = min(baseline, key=baseline.get)

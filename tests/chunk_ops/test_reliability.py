@@ -32,7 +32,7 @@ from chunk_ops.spec import SpecError, parse_spec
 from chunk_ops.stages import reference_pass, run_local
 from chunk_ops.submit import enqueue_stage, finish_job, job_status
 from chunk_ops.task import Task, TaskError
-from chunk_ops.volume import Volume
+from chunk_ops.volumes import open_volume
 from chunk_ops.worker import EXIT_DEADLINE, Worker, WorkerConfig
 from tests.chunk_ops.conftest import NETS_FILE, save_net
 from tests.chunk_ops.test_worker import _wait_until
@@ -78,7 +78,7 @@ def _wait_stopped(proc: subprocess.Popen, what: str) -> None:
 
 
 def _output(job: Job) -> np.ndarray:
-    return Volume(job.spec.output_url, 0).read(job.roi)
+    return open_volume(job.spec.output_url, 0).read(job.roi)
 
 
 def _assert_equals_reference(job: Job) -> None:
@@ -139,7 +139,7 @@ def test_a_duplicate_writer_killed_mid_write_leaves_every_block_whole(make_spec,
     enqueue_stage(job, queues, 1)
     _drain(queues, stages=(1,))
     chunk = job.plan[4]
-    scale_dir = _folder(job.spec.output_url) / Volume(job.spec.output_url, 0)._cv.key
+    scale_dir = _folder(job.spec.output_url) / open_volume(job.spec.output_url, 0)._cv.key
     _send(queues, job, 2, [chunk])
     duplicate = _hooked_worker(
         queues.url, {"HOOK_STOP_BEFORE_MERGE_WRITE": "1", "HOOK_STOP_IN_WRITE": str(scale_dir)},
@@ -301,7 +301,7 @@ def test_a_hung_read_passes_the_task_deadline_and_the_chunk_moves_on(make_spec, 
     job = _prepared(make_spec(chunk=(16, 16, 4)))
     queues = _queues(tmp_path)
     _send(queues, job, 1, [job.plan[0]])
-    block = next((_folder(job.spec.input_url) / Volume(job.spec.input_url, 0)._cv.key).glob("0-16_0-16_0-4*"))
+    block = next((_folder(job.spec.input_url) / open_volume(job.spec.input_url, 0)._cv.key).glob("0-16_0-16_0-4*"))
     saved = block.read_bytes()
     block.unlink()
     os.mkfifo(block)  # reading it blocks, like a stuck mount

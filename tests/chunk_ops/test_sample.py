@@ -6,7 +6,7 @@ import numpy as np
 from scipy import ndimage
 
 from chunk_ops.sample import RESOLUTION_NM, synthetic_em, write_sample
-from chunk_ops.volume import Volume
+from chunk_ops.volumes import open_volume
 
 
 def test_the_same_seed_gives_the_same_bytes_and_another_seed_does_not():
@@ -49,7 +49,7 @@ def test_sections_drift_in_brightness():
 def test_write_sample_writes_the_image_and_segmentation_layers(tmp_path):
     write_sample(f"file://{tmp_path}/img", (64, 64, 8), seed=9, labels_url=f"file://{tmp_path}/gt")
     image, truth = synthetic_em((64, 64, 8), seed=9)
-    img, gt = Volume(f"file://{tmp_path}/img", 0), Volume(f"file://{tmp_path}/gt", 0)
+    img, gt = open_volume(f"file://{tmp_path}/img", 0), open_volume(f"file://{tmp_path}/gt", 0)
     assert img.resolution == gt.resolution == list(RESOLUTION_NM)
     assert np.array_equal(img.read(img.bounds)[0], image)
     assert np.array_equal(gt.read(gt.bounds)[0], truth)

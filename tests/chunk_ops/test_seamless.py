@@ -11,7 +11,7 @@ import pytest
 
 from chunk_ops.job import Job
 from chunk_ops.stages import reference_pass, run_local, run_stage1, run_stage2
-from chunk_ops.volume import Volume
+from chunk_ops.volumes import open_volume
 
 CASES = {
     # region 40x36x12 is no multiple of the chunk (16,16,4) nor of the patch (12,12,4)
@@ -32,7 +32,7 @@ CASES = {
 
 
 def read_output(job: Job) -> np.ndarray:
-    return Volume(job.spec.output_url, 0).read(job.roi)
+    return open_volume(job.spec.output_url, 0).read(job.roi)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -125,7 +125,7 @@ def test_closed_form_networks_give_exact_volumes(make_spec, blend, scales, biase
                      out_channels=len(scales), blend=blend)
     job = Job.open(spec)
     run_local(job)
-    x = Volume(spec["input"]["url"], 0).read(job.roi).astype(np.float64) / 255.0
+    x = open_volume(spec["input"]["url"], 0).read(job.roi).astype(np.float64) / 255.0
     expected = np.concatenate([s * x + b for s, b in zip(scales, biases)])
     assert np.abs(read_output(job) - expected).max() <= 1e-6
 
@@ -136,5 +136,5 @@ def test_closed_form_with_cropping_network(make_spec):
                      input_patch=(14, 12, 6), output_patch=(8, 8, 4), overlap=(2, 4, 1))
     job = Job.open(spec)
     run_local(job)
-    x = Volume(spec["input"]["url"], 0).read(job.roi).astype(np.float64) / 255.0
+    x = open_volume(spec["input"]["url"], 0).read(job.roi).astype(np.float64) / 255.0
     assert np.abs(read_output(job) - (2 * x + 1)).max() <= 1e-6

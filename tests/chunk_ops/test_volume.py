@@ -7,13 +7,13 @@ import pytest
 from cloudvolume import CloudVolume
 
 from chunk_ops.geometry import Box, Vec3
-from chunk_ops.volume import Volume, VolumeError
+from chunk_ops.volumes import Volume, VolumeError, create_volume, open_volume
 
 
 @pytest.fixture
 def layer(tmp_path):
     # y is 30 voxels: one whole 16-voxel block and a 14-voxel one at the face
-    vol = Volume.create(
+    vol = create_volume(
         f"file://{tmp_path}/layer", bounds=Box((10, 20, 30), (74, 50, 38)), block_size=Vec3(16, 16, 4),
         dtype="float32", num_channels=2, resolution=(4, 4, 40),
     )
@@ -34,7 +34,7 @@ def test_arrays_are_czyx_and_land_where_cloudvolume_says(layer):
 
 def test_reads_outside_the_bounds_are_filled(tmp_path, layer):
     layer.write(layer.bounds, np.ones((2, 8, 30, 64), np.float32))
-    filled = Volume(layer.url, 0, fill_value=-7.0)
+    filled = open_volume(layer.url, 0, fill_value=-7.0)
     out = filled.read(Box((5, 20, 30), (15, 22, 31)))  # 5 voxels in x before the volume
     assert out.shape == (2, 1, 2, 10)
     assert (out[..., :5] == -7).all() and (out[..., 5:] == 1).all()
@@ -65,4 +65,4 @@ def test_writes_ending_at_the_volume_face_are_aligned(layer):
 
 def test_a_missing_layer_is_named(tmp_path):
     with pytest.raises(VolumeError, match=rf"no precomputed layer at file://{tmp_path}/none"):
-        Volume(f"file://{tmp_path}/none", 0)
+        open_volume(f"file://{tmp_path}/none", 0)

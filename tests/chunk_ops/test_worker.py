@@ -20,7 +20,7 @@ from chunk_ops.queues.stages import StageQueues
 from chunk_ops.stages import reference_pass
 from chunk_ops.submit import enqueue_stage, job_status, report_from_markers
 from chunk_ops.task import Task
-from chunk_ops.volume import Volume
+from chunk_ops.volumes import open_volume
 from chunk_ops.worker import Worker, WorkerConfig
 
 ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"
@@ -33,7 +33,7 @@ def _queue(kind: str, tmp_path: Path, max_receives: int = 3):
 
 
 def _read(job: Job) -> np.ndarray:
-    return Volume(job.spec.output_url, 0).read(job.roi)
+    return open_volume(job.spec.output_url, 0).read(job.roi)
 
 
 @pytest.mark.parametrize("kind", ["embedded", "sqs"])

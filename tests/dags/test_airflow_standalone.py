@@ -182,7 +182,7 @@ def test_a_killed_pool_task_is_retried_and_the_run_ends_correct(airflow, make_sp
 
     from chunk_ops.job import Job
     from chunk_ops.stages import reference_pass
-    from chunk_ops.volume import Volume
+    from chunk_ops.volumes import open_volume
 
     spec = make_spec(net_kwargs={"in_channels": 1, "out_channels": 1, "delay_s": 0.4}, chunk=(16, 16, 4),
                      output="preempted")
@@ -201,5 +201,5 @@ def test_a_killed_pool_task_is_retried_and_the_run_ends_correct(airflow, make_sp
     status, ti = airflow.request(
         "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances/local_pool_stage1/0")
     assert status == 200 and ti["try_number"] >= 2, ti
-    out = Volume(spec["output"]["url"], 0).read(job.roi)
+    out = open_volume(spec["output"]["url"], 0).read(job.roi)
     assert np.abs(out - reference_pass(job)).max() <= 1e-5

@@ -55,7 +55,7 @@ def _run(dag, conf: dict):
 def test_dag_test_end_to_end_with_the_embedded_queue(dagbag, make_spec):
     from chunk_ops.job import Job
     from chunk_ops.stages import reference_pass
-    from chunk_ops.volume import Volume
+    from chunk_ops.volumes import open_volume
 
     dag = dagbag.get_dag("chunkflow_inference")
     spec = make_spec()
@@ -63,7 +63,7 @@ def test_dag_test_end_to_end_with_the_embedded_queue(dagbag, make_spec):
     run = _run(dag, spec)
     assert run.state == "success", run.state
     job = Job.open(spec)
-    out = Volume(spec["output"]["url"], 0).read(job.roi)
+    out = open_volume(spec["output"]["url"], 0).read(job.roi)
     assert np.abs(out - reference_pass(job)).max() <= 1e-5
     report = json.loads((Path(spec["output"]["url"].removeprefix("file://")) / "jobs" / job.id / "report.json").read_text())
     assert report["amplification"] == 1.0 and report["patches_evaluated"] == len(job.grid)
@@ -71,8 +71,8 @@ def test_dag_test_end_to_end_with_the_embedded_queue(dagbag, make_spec):
     job_dir = Path(spec["output"]["url"].removeprefix("file://")) / "jobs" / job.id
     assert "open in Neuroglancer" in (job_dir / "report.md").read_text()
     assert (job_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    mip1 = Volume(spec["output"]["url"], 1)
-    assert mip1.resolution[0] == 2 * Volume(spec["output"]["url"], 0).resolution[0]
+    mip1 = open_volume(spec["output"]["url"], 1)
+    assert mip1.resolution[0] == 2 * open_volume(spec["output"]["url"], 0).resolution[0]
     np.testing.assert_allclose(mip1.read(mip1.bounds)[:, :, :2, :2].mean(), out[:, :, :4, :4].mean(), rtol=1e-5)
 
     again = _run(dag, spec)
@@ -85,7 +85,7 @@ def test_dag_test_end_to_end_with_the_embedded_queue(dagbag, make_spec):
 def test_dag_test_segments_with_the_bundled_network_and_reports_quality(dagbag, tmp_path):
     from chunk_ops.models.demo import write_demo_job
     from chunk_ops.sample import write_sample
-    from chunk_ops.volume import Volume
+    from chunk_ops.volumes import open_volume
 
     image, truth = f"file://{tmp_path}/image", f"file://{tmp_path}/truth"
     write_sample(image, (192, 192, 24), seed=12, labels_url=truth)
@@ -98,7 +98,7 @@ def test_dag_test_segments_with_the_bundled_network_and_reports_quality(dagbag, 
     assert report["per_pool"]["local"]["engines"] == ["openvino-cpu-float32"]  # auto on a CPU worker
     seg = report["segmentation"]
     assert seg["method"] == "watershed" and seg["adapted_rand_error"] <= 0.10
-    labels = Volume(seg["url"], 0)
+    labels = open_volume(seg["url"], 0)
     assert labels.dtype == np.uint32 and labels.read(labels.bounds).max() == seg["segments"]
     job_dir = Path(str(tmp_path)) / "affinities" / "jobs"
     assert "segmentation adapted_rand_error" in next(job_dir.glob("*/report.md")).read_text()
@@ -108,7 +108,7 @@ def test_dag_test_end_to_end_with_sqs_through_an_airflow_connection(dagbag, make
     """Only the connection's endpoint_url extra points at the SQS server (moto)."""
     from chunk_ops.job import Job
     from chunk_ops.stages import reference_pass
-    from chunk_ops.volume import Volume
+    from chunk_ops.volumes import open_volume
 
     monkeypatch.delenv("AWS_ENDPOINT_URL_SQS")
     monkeypatch.setenv("AIRFLOW_CONN_CHUNKOPS_SQS", json.dumps({
@@ -121,4 +121,4 @@ def test_dag_test_end_to_end_with_sqs_through_an_airflow_connection(dagbag, make
     run = _run(dagbag.get_dag("chunkflow_inference"), spec)
     assert run.state == "success"
     job = Job.open(spec)
-    assert np.abs(Volume(spec["output"]["url"], 0).read(job.roi) - reference_pass(job)).max() <= 1e-5
+    assert np.abs(open_volume(spec["output"]["url"], 0).read(job.roi) - reference_pass(job)).max() <= 1e-5

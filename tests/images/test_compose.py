@@ -20,7 +20,7 @@ from chunk_ops.job import Job
 from chunk_ops.models.demo import write_demo_job
 from chunk_ops.sample import write_sample
 from chunk_ops.stages import reference_pass
-from chunk_ops.volume import Volume
+from chunk_ops.volumes import open_volume
 from scripts.airflow_local import AirflowApi
 from tests.conftest import free_port
 from tests.dags.conftest import REPO
@@ -96,5 +96,5 @@ def test_a_job_triggered_over_rest_runs_on_the_compose_workers(docker, images, t
     host_spec.pop("queue")
     job = Job.open(host_spec)
     assert len(records) == 2 * len(job.plan)
-    got = Volume(job.spec.output_url, 0).read(job.roi)
+    got = open_volume(job.spec.output_url, 0).read(job.roi)
     assert np.abs(got - reference_pass(job)).max() <= 1e-5

@@ -15,7 +15,7 @@ from chunk_ops.queues.stages import StageQueues
 from chunk_ops.sample import write_sample
 from chunk_ops.stages import reference_pass
 from chunk_ops.submit import enqueue_stage
-from chunk_ops.volume import Volume
+from chunk_ops.volumes import open_volume
 from tests.dags.conftest import REPO
 from tests.images.conftest import share_with_containers
 
@@ -44,7 +44,7 @@ def test_a_worker_container_runs_the_bundled_network_from_a_host_queue(docker, i
         docker(*run[:1], "--name", f"{name}-{stage}", *run[1:], timeout=900)
         assert job.done_mask(stage).all()
     assert {r["engine"] for r in job.done_records(1)} == {"openvino-cpu-float32"}  # "auto" on a CPU
-    got = Volume(job.spec.output_url, 0).read(job.roi)
+    got = open_volume(job.spec.output_url, 0).read(job.roi)
     assert np.abs(got - reference_pass(job)).max() <= 1e-5
 
 

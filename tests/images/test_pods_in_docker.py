@@ -17,7 +17,7 @@ from chunk_ops.job import Job
 from chunk_ops.queues.stages import StageQueues
 from chunk_ops.stages import reference_pass
 from chunk_ops.submit import enqueue_stage
-from chunk_ops.volume import Volume
+from chunk_ops.volumes import open_volume
 from tests.chunk_ops.conftest import NETS_FILE
 from tests.dags.rendered_pods import render_pods
 from tests.images.conftest import share_with_containers
@@ -106,7 +106,7 @@ def test_gpu_and_cpu_pods_from_the_dag_run_a_job_side_by_side(pods, make_spec, t
     merge = pods.start(pods.manifest("cpu", 2))
     assert pods.wait(merge) == 0
     assert job.done_mask(2).all()
-    got = Volume(job.spec.output_url, 0).read(job.roi)
+    got = open_volume(job.spec.output_url, 0).read(job.roi)
     assert np.abs(got - reference_pass(job)).max() <= 1e-5
     for stage in (1, 2):
         counts = pods.queue.counts(stage)
@@ -135,7 +135,7 @@ def test_docker_stop_mid_task_gives_the_chunk_back_and_another_pod_finishes(pods
     assert job.done_mask(1).all()
     assert enqueue_stage(job, pods.queue, 2) == len(job.plan)
     assert pods.wait(pods.start(pods.manifest("cpu", 2))) == 0
-    got = Volume(job.spec.output_url, 0).read(job.roi)
+    got = open_volume(job.spec.output_url, 0).read(job.roi)
     assert np.abs(got - reference_pass(job)).max() <= 1e-5
     for stage in (1, 2):
         counts = pods.queue.counts(stage)
