@@ -353,5 +353,14 @@ def train(out: Path, steps: int | None, seed: int, images, labels) -> None:
     click.echo(json.dumps(record, indent=2))
 
 
+def _add_chain() -> None:
+    from .operators.base import load_all
+
+    main.add_command(load_all())
+
+
+_add_chain()
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
