@@ -1,27 +1,38 @@
 """The ``chunk-ops`` command line.
 
-    chunk-ops validate JOB.json      check a job against its volumes and model; writes nothing
-    chunk-ops run JOB.json [--workers N]   run a job here: in this process, or a local pool
+    chunk-ops validate JOB.json      check a job: volumes, model, output/scratch/queue access; the plan
+                                     with its output and scratch bytes and hours here; writes nothing
+    chunk-ops run JOB.json [--workers N]   run a job here (this process, or a local pool): every step,
+                                     segmentation, pyramid and report included
     chunk-ops submit JOB.json --queue URL  prepare the job and enqueue a stage's tasks
     chunk-ops worker --queue URL     lease and do tasks until the queue stays empty
     chunk-ops status JOB.json --queue URL  done of total, queue depths, throughput, ETA
-    chunk-ops finish JOB.json --queue URL  after the merge: verify, remove scratch, report
+    chunk-ops finish JOB.json --queue URL  after the merge: verify, remove scratch, segment, pyramid, report
+    chunk-ops chain OP [OPTS] OP ...  chunk operators composed in one command (as in chunkflow)
+    chunk-ops view LAYER...          a local Neuroglancer viewer on layers
     chunk-ops sample URL --shape X Y Z [--labels URL]  synthetic EM (and its ground truth)
     chunk-ops evaluate SEG_URL TRUTH_URL   adapted Rand error of a segmentation
     chunk-ops export-onnx JOB.json OUT.onnx   the job's PyTorch model as ONNX
     chunk-ops demo --workdir DIR     sample volume + demo model + job, then run it
     chunk-ops train OUT.pt           train the bundled RSUNet on synthetic EM (or given layers)
+
+stdout carries only each command's result (``--json``: as JSON); progress and events
+go to stderr.  A user's mistake (a bad value, a missing layer or credential, a place
+that cannot be written) is one line naming the value, exit status 1.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from .geometry import Vec3
+
+CONFIRM_ABOVE = 10_000  # chunks `submit` enqueues without asking (env CHUNK_OPS_CONFIRM_ABOVE)
 
 
 class JobFile(click.ParamType):
@@ -40,13 +51,38 @@ class JobFile(click.ParamType):
             self.fail(f"{value}: {e}", param, ctx)
 
 
-def _open_job(document: dict):
-    from .job import Job
+class Commands(click.Group):
+    """Turns the errors a user can cause into one line (``Error: ...``, exit 1), not a traceback.
 
-    try:
-        return Job.open(document)
-    except ValueError as e:  # SpecError, VolumeError, ModelError: the message names the value
-        raise click.ClickException(str(e)) from None
+    ValueError covers the project's own (SpecError, VolumeError, ModelError, StorageError,
+    TaskError), whose messages name the bad value; a run that cannot complete raises
+    RuntimeError (StageIncomplete); OSError and botocore's errors come from storage.
+    Anything else is a bug and keeps its traceback.
+    """
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException:
+            raise
+        except (ValueError, RuntimeError, OSError) as e:
+            raise click.ClickException(_one_line(e)) from None
+        except Exception as e:
+            if type(e).__module__.startswith(("botocore", "google.auth")):
+                from .storage import describe_cloud_error
+
+                raise click.ClickException(describe_cloud_error(e)) from None
+            raise
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+def _output(result: dict, as_json: bool, human: str) -> None:
+    """The command's result on stdout: JSON with --json, else the human summary."""
+    click.echo(json.dumps(result, indent=2) if as_json else human)
 
 
 def _summary(job) -> dict:
@@ -60,11 +96,39 @@ def _summary(job) -> dict:
     }
 
 
+def _bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _run_summary(report: dict) -> str:
+    lines = [
+        f"job {report['job_id']}: {report['chunks']} chunks done in {report['wall_s']:.1f} s, "
+        f"amplification {report['amplification']:.2f}, {report['redeliveries']} redeliveries, "
+        f"{report['dead_letters']} dead letters",
+    ]
+    if report.get("segmentation"):
+        seg = report["segmentation"]
+        quality = f", adapted Rand error {seg['adapted_rand_error']}" if "adapted_rand_error" in seg else ""
+        lines.append(f"segmentation: {seg['segments']} segments in {seg['url']}{quality}")
+    if report.get("pyramid_chunks"):
+        lines.append(f"pyramid: {len(report['pyramid_chunks'])} levels")
+    if report.get("reports"):
+        lines.append(f"report: {report['reports'].get('report.html')}")
+    if report.get("neuroglancer"):
+        lines.append(f"view: {report['neuroglancer']}")
+    return "\n".join(lines)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 job_queue_option = click.option(
     "--queue", "queue_url", help="queue URL (default: the job's queue, else an embedded one beside the output)")
 
 
-@click.group()
+@click.group(cls=Commands)
 @click.version_option(package_name="chunk-ops")
 def main() -> None:
     """Run 3D ConvNets over huge precomputed volumes, chunk by chunk, seamlessly."""
@@ -72,14 +136,22 @@ def main() -> None:
 
 @main.command()
 @click.argument("job", type=JobFile())
-def validate(job: dict) -> None:
-    """Check JOB against its volumes and model without writing anything."""
-    opened = _open_job(job)
-    try:
-        opened.predictor  # loads the model and runs it once on zeros
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(json.dumps({"valid": True, **_summary(opened), "engine_here": opened.predictor.engine.name}, indent=2))
+@json_option
+def validate(job: dict, as_json: bool) -> None:
+    """Check JOB without writing anything: volumes, model (one forward pass), access to the
+    output, scratch and queue; print the plan with its bytes and time at this machine's rate."""
+    from . import pipeline
+
+    opened = pipeline.validate(job)
+    plan = pipeline.estimate(opened)
+    result = {"valid": True, **_summary(opened), "engine_here": opened.predictor.engine.name, **plan.to_dict()}
+    _output(result, as_json, (
+        f"valid: job {opened.id}, {plan.chunks} chunks ({plan.chunks_done} done), {plan.patches} patches\n"
+        f"output {opened.spec.output_url}: {_bytes(plan.output_bytes)} uncompressed (pyramid and segmentation included)\n"
+        f"scratch: up to {_bytes(plan.scratch_bytes)} of partial sums between the stages\n"
+        f"time: {plan.hours_here:.3f} h for one worker like this machine "
+        f"({plan.patches_per_s} patches/s, engine {result['engine_here']})"
+    ))
 
 
 @main.command()
@@ -87,18 +159,17 @@ def validate(job: dict) -> None:
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="worker processes on a queue; 0 runs everything in this process")
 @job_queue_option
-def run(job: dict, workers: int, queue_url: str | None) -> None:
-    """Run JOB on this machine: stage 1 for every chunk, then the merge."""
-    from .local_pool import run_with_workers
-    from .stages import run_local
+@json_option
+def run(job: dict, workers: int, queue_url: str | None, as_json: bool) -> None:
+    """Run JOB on this machine: stage 1, the merge, then segmentation, pyramid and report.
+    Chunks already done (a rerun) are skipped."""
+    from . import pipeline
+    from .progress import event
 
-    opened = _open_job(job)
-    click.echo(json.dumps(_summary(opened), indent=2), err=True)
-    try:
-        report = run_with_workers(opened, workers, queue_url) if workers else run_local(opened)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(json.dumps(report.to_dict(), indent=2))
+    opened = pipeline.validate(job, queue_url=queue_url, probe_queue=bool(workers))
+    event(f"job {opened.id}: {len(opened.plan)} chunks, {len(opened.grid)} patches -> {opened.spec.output_url}")
+    report = pipeline.run_job(opened, workers=workers, queue_url=queue_url).to_dict()
+    _output(report, as_json, _run_summary(report))
 
 
 @main.command()
@@ -108,21 +179,37 @@ def run(job: dict, workers: int, queue_url: str | None) -> None:
 @click.option("--max-receives", type=click.IntRange(min=1), default=5, show_default=True,
               help="receives before a task goes to the dead-letter queue (new queues; an existing "
                    "queue keeps its limit)")
-def submit(job: dict, queue_url: str | None, stage: str, max_receives: int) -> None:
+@click.option("--yes", is_flag=True, help="enqueue without asking, however many chunks")
+@click.option("--confirm-above", type=click.IntRange(min=0), envvar="CHUNK_OPS_CONFIRM_ABOVE",
+              default=CONFIRM_ABOVE, show_default=True,
+              help="ask before enqueuing more chunks than this (env CHUNK_OPS_CONFIRM_ABOVE)")
+@json_option
+def submit(job: dict, queue_url: str | None, stage: str, max_receives: int, yes: bool, confirm_above: int,
+           as_json: bool) -> None:
     """Prepare JOB (stage 1) and enqueue the stage's tasks that are not done yet."""
+    from . import pipeline
+    from .progress import Progress
     from .queues.stages import StageQueues
     from .submit import default_queue_url, enqueue_stage
 
-    opened = _open_job(job)
-    try:
-        if stage == "1":
-            opened.prepare()
-        url = queue_url or default_queue_url(opened)
-        sent = enqueue_stage(opened, StageQueues(url, create=True, max_receives=max_receives), int(stage))
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(json.dumps({**_summary(opened), "queue": url, "stage": int(stage), "sent": sent,
-                           "skipped_done": len(opened.plan) - sent, "spec_url": opened.spec_url}, indent=2))
+    opened = pipeline.validate(job, queue_url=queue_url)
+    url = queue_url or default_queue_url(opened)
+    todo = len(opened.plan) - int(opened.done_mask(int(stage)).sum())
+    if todo > confirm_above and not yes:
+        question = f"enqueue {todo} stage-{stage} tasks of job {opened.id} on {url}?"
+        if not sys.stdin.isatty():
+            raise click.ClickException(f"refusing to enqueue {todo} chunks (more than --confirm-above "
+                                       f"{confirm_above}) without confirmation: add --yes")
+        click.confirm(question, abort=True, err=True)
+    if stage == "1":
+        pipeline.prepare(opened)
+    queues = StageQueues(url, create=True, max_receives=max_receives)
+    with Progress(len(opened.plan), f"enqueue stage {stage}", unit="tasks") as bar:
+        sent = enqueue_stage(opened, queues, int(stage), on_each=bar.update)
+    result = {**_summary(opened), "queue": url, "stage": int(stage), "sent": sent,
+              "skipped_done": len(opened.plan) - sent, "spec_url": opened.spec_url}
+    _output(result, as_json, f"sent {sent} stage-{stage} tasks of job {opened.id} to {url} "
+                             f"({result['skipped_done']} chunks already done); spec {opened.spec_url}")
 
 
 def _open_worker_queues(url: str, create: bool):
@@ -169,18 +256,15 @@ def worker(queue_url: str, visibility_timeout: float, idle_exit: float, create_q
 
     from .worker import Worker, WorkerConfig
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     try:
         served = tuple(sorted({int(x) for x in stages.split(",") if x.strip()}))
     except ValueError:
         raise click.BadParameter(f"{stages!r} is not a comma-separated list of stages (1, 2)") from None
-    try:
-        w = Worker(WorkerConfig(queue_url, visibility_timeout_s=visibility_timeout, idle_exit_s=idle_exit,
-                                grace_s=grace, max_tasks=max_tasks, pool=pool, tasks_in_flight=tasks_in_flight,
-                                stages=served, task_deadline_s=task_deadline, spec_prefixes=spec_prefixes),
-                   _open_worker_queues(queue_url, create_queue))
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
+    w = Worker(WorkerConfig(queue_url, visibility_timeout_s=visibility_timeout, idle_exit_s=idle_exit,
+                            grace_s=grace, max_tasks=max_tasks, pool=pool, tasks_in_flight=tasks_in_flight,
+                            stages=served, task_deadline_s=task_deadline, spec_prefixes=spec_prefixes),
+               _open_worker_queues(queue_url, create_queue))
     w.install_signal_handlers()
     w.run()
 
@@ -188,33 +272,39 @@ def worker(queue_url: str, visibility_timeout: float, idle_exit: float, create_q
 @main.command()
 @click.argument("job", type=JobFile())
 @job_queue_option
-def status(job: dict, queue_url: str | None) -> None:
+@json_option
+def status(job: dict, queue_url: str | None, as_json: bool) -> None:
     """Visible, in-flight and dead-lettered tasks, done of total, throughput, ETA."""
+    from .job import Job
     from .queues.stages import StageQueues
     from .submit import default_queue_url, job_status
 
-    opened = _open_job(job)
-    try:
-        queues = StageQueues(queue_url or default_queue_url(opened))
-        click.echo(json.dumps(job_status(opened, queues).to_dict(), indent=2))
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
+    opened = Job.open(job)
+    state = job_status(opened, StageQueues(queue_url or default_queue_url(opened)))
+    lines = [f"job {state.job_id}"]
+    for stage, progress in state.stages.items():
+        counts = state.queues[stage]
+        eta = f", ETA {progress.eta_s:.0f} s" if progress.eta_s else ""
+        lines.append(f"stage {stage}: {progress.done}/{progress.total} chunks done; queue: {counts.visible} "
+                     f"waiting, {counts.in_flight} leased, {counts.dead} dead{eta}")
+    lines += [f"dead letter: {body}" for body in state.dead_letters]
+    _output(state.to_dict(), as_json, "\n".join(lines))
 
 
 @main.command()
 @click.argument("job", type=JobFile())
 @job_queue_option
-def finish(job: dict, queue_url: str | None) -> None:
-    """After stage 2: check every chunk is done, remove the scratch, write the report."""
+@json_option
+def finish(job: dict, queue_url: str | None, as_json: bool) -> None:
+    """After stage 2: verify every chunk, remove the scratch, segment, build the pyramid, write the report."""
+    from . import pipeline
+    from .job import Job
     from .queues.stages import StageQueues
-    from .submit import default_queue_url, finish_job
+    from .submit import default_queue_url
 
-    opened = _open_job(job)
-    try:
-        report = finish_job(opened, StageQueues(queue_url or default_queue_url(opened)))
-    except (ValueError, RuntimeError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(json.dumps(report.to_dict(), indent=2))
+    opened = Job.open(job)
+    report = pipeline.complete(opened, StageQueues(queue_url or default_queue_url(opened))).to_dict()
+    _output(report, as_json, _run_summary(report))
 
 
 @main.command()
@@ -223,10 +313,15 @@ def finish(job: dict, queue_url: str | None) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--block-size", nargs=3, type=int, default=(64, 64, 8), show_default=True)
 @click.option("--labels", "labels_url", default=None, help="also write the ground-truth segmentation layer here")
-def sample(url: str, shape, seed: int, block_size, labels_url: str | None) -> None:
+@click.option("--force", is_flag=True, help="overwrite layers that exist already")
+def sample(url: str, shape, seed: int, block_size, labels_url: str | None, force: bool) -> None:
     """Write a synthetic serial-section EM image layer to URL (e.g. file:///tmp/em)."""
     from .sample import write_sample
+    from .volumes import volume_exists
 
+    for layer in (url, labels_url):
+        if layer and not force and volume_exists(layer):
+            raise click.ClickException(f"a layer exists at {layer} already: add --force to overwrite it")
     vol = write_sample(url, Vec3.of(shape), seed=seed, block_size=block_size, labels_url=labels_url)
     click.echo(f"wrote {url}: bounds {vol.bounds.to_dict()}, resolution {vol.resolution} nm"
                + (f"; ground truth {labels_url}" if labels_url else ""))
@@ -245,15 +340,12 @@ def evaluate(segmentation: str, truth: str) -> None:
 
 def _read_layer_pair(url: str, truth_url: str):
     """Two single-channel layers with the same bounds, read whole as (z, y, x) arrays."""
-    from .volumes import VolumeError, open_volume
+    from .volumes import open_volume
 
-    try:
-        layer, truth = open_volume(url, 0), open_volume(truth_url, 0)
-        if layer.bounds != truth.bounds:
-            raise click.ClickException(f"{url} bounds {layer.bounds} differ from {truth_url} bounds {truth.bounds}")
-        return layer.read(layer.bounds)[0], truth.read(truth.bounds)[0]
-    except VolumeError as e:
-        raise click.ClickException(str(e)) from None
+    layer, truth = open_volume(url, 0), open_volume(truth_url, 0)
+    if layer.bounds != truth.bounds:
+        raise click.ClickException(f"{url} bounds {layer.bounds} differ from {truth_url} bounds {truth.bounds}")
+    return layer.read(layer.bounds)[0], truth.read(truth.bounds)[0]
 
 
 @main.command()
@@ -261,11 +353,12 @@ def _read_layer_pair(url: str, truth_url: str):
               show_default=True)
 @click.option("--shape", nargs=3, type=int, default=(512, 512, 48), show_default=True,
               help="sample volume size, x y z")
-def demo(workdir: Path, shape) -> None:
+@json_option
+def demo(workdir: Path, shape, as_json: bool) -> None:
     """Make a sample volume and the demo network, write a job spec, run it."""
+    from . import pipeline
     from .models.demo import write_demo_job
     from .sample import write_sample
-    from .stages import run_local
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -276,11 +369,9 @@ def demo(workdir: Path, shape) -> None:
     job_path = workdir / "job.json"
     job_path.write_text(json.dumps(job_doc, indent=2) + "\n")
     click.echo(f"job spec: {job_path}", err=True)
-    opened = _open_job(job_doc)
-    click.echo(json.dumps(_summary(opened), indent=2), err=True)
-    report = run_local(opened)
-    click.echo(json.dumps(report.to_dict(), indent=2))
-    click.echo(f"output layer: {opened.spec.output_url}\nreport: {opened.job_url}/report.json", err=True)
+    opened = pipeline.validate(job_doc)
+    report = pipeline.run_job(opened).to_dict()
+    _output(report, as_json, _run_summary(report))
 
 
 @main.command("export-onnx")
@@ -288,19 +379,15 @@ def demo(workdir: Path, shape) -> None:
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 def export_onnx_command(job_doc: dict, out: Path) -> None:
     """Write the job's PyTorch model as ONNX (batch dynamic, the job's patch fixed)."""
-    from .engines import ModelError
     from .models.export import export_onnx
     from .models.loading import read_model_bytes, torch_module
     from .spec import SpecError, parse_spec
 
-    try:
-        spec = parse_spec(job_doc)
-        if spec.model.format == "onnx":
-            raise SpecError(f"model {spec.model.path!r} is ONNX already")
-        module = torch_module(spec.model, read_model_bytes(spec.model.path))
-        data = export_onnx(module, spec.model.in_channels, spec.model.input_patch.zyx())
-    except (SpecError, ModelError) as e:
-        raise click.ClickException(str(e)) from None
+    spec = parse_spec(job_doc)
+    if spec.model.format == "onnx":
+        raise SpecError(f"model {spec.model.path!r} is ONNX already")
+    module = torch_module(spec.model, read_model_bytes(spec.model.path))
+    data = export_onnx(module, spec.model.in_channels, spec.model.input_patch.zyx())
     out.write_bytes(data)
     click.echo(f"wrote {out} ({len(data)} bytes); in the job spec: model.format 'onnx', model.path '{out}'")
 
@@ -335,10 +422,7 @@ def train(out: Path, steps: int | None, seed: int, images, labels) -> None:
         cfg = dataclasses.replace(cfg, synthetic_seeds=())
     else:
         volumes = synthetic_volumes(cfg)
-    try:
-        net = run_training(volumes, cfg, log=lambda line: click.echo(line, err=True))
-    except ValueError as e:  # e.g. a volume smaller than the training patch
-        raise click.ClickException(str(e)) from None
+    net = run_training(volumes, cfg, log=lambda line: click.echo(line, err=True))  # ValueError: one line
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), out)
     record = {

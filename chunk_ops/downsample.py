@@ -11,6 +11,8 @@ under it (tinybrain alone would average in zeros).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import tinybrain
 from cloudvolume import CloudVolume
@@ -53,14 +55,17 @@ def build_mip(url: str, mip: int, chunk_blocks: int = 4) -> int:
     return len(plan)
 
 
-def build_pyramid(url: str, levels: int) -> list[int]:
+def build_pyramid(url: str, levels: int, on_level: Callable[[int], None] | None = None) -> list[int]:
     """Fill mips 1 to ``levels`` (adding those the layer lacks); chunks written per level.
 
     Idempotent: a rerun rewrites the same levels with the same bytes, never adds more.
+    ``on_level`` is called with each level's index once it is built.
     """
     written = []
     for mip in range(1, levels + 1):
         if len(CloudVolume(url, progress=False).scales) <= mip:
             add_mip(url)
         written.append(build_mip(url, mip))
+        if on_level is not None:
+            on_level(mip)
     return written

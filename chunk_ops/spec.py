@@ -88,9 +88,14 @@ class JobSpec:
         return json.loads(self.document)
 
     @property
+    def postprocess(self) -> dict:
+        """``postprocess`` with every default filled in (pyramid_levels, segmentation)."""
+        return section_with_defaults("postprocess", self.to_dict().get("postprocess"))
+
+    @property
     def segmentation(self) -> dict:
         """``postprocess.segmentation`` with defaults: method, threshold, url, truth_url, max_voxels."""
-        seg = section_with_defaults("postprocess", self.to_dict().get("postprocess"))["segmentation"]
+        seg = self.postprocess["segmentation"]
         seg.setdefault("threshold", DEFAULT_THRESHOLDS.get(seg["method"]))
         seg.setdefault("url", f"{self.output_url}/segmentation")
         seg.setdefault("truth_url", None)

@@ -34,7 +34,6 @@ from .blend import window_3d
 from .engines import Predictor
 from .geometry import Box, Vec3
 from .job import BadPartial, Job, NotReady
-from .segment import segment_job
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +165,8 @@ def _verified_partial(job: Job, neighbour: Box, stats: ChunkStats, fence: Fence)
     redo, extra = run_stage1(job, neighbour, fence)
     stats.add(redo)
     fence()
-    job.mark_done(1, neighbour, {**redo.to_dict(), **extra, "redone_by_stage2": True,
-                                 "started_at": time.time(), "finished_at": time.time(), "receive_count": 1})
+    job.mark_done(1, neighbour, marker_record(job, 1, redo, {**extra, "redone_by_stage2": True},
+                                              started=time.time(), pool="stage2-redo", receive_count=1))
     return job.get_partial(neighbour, extra["partial_sha256"])
 
 
@@ -224,7 +223,11 @@ class RunReport:
     per_pool: dict = field(default_factory=dict)  # pool -> tasks, voxels, seconds
     stage1: ChunkStats = field(default_factory=ChunkStats)
     stage2: ChunkStats = field(default_factory=ChunkStats)
+    dead_letters: int = 0  # both stages' dead-letter queues, when the run had queues
     segmentation: dict = field(default_factory=dict)  # postprocess.segmentation's result
+    pyramid_chunks: list = field(default_factory=list)  # chunks written per pyramid level
+    reports: dict = field(default_factory=dict)  # report.md/.html/.png URLs
+    neuroglancer: str = ""  # viewer link (hosted for gs:// and s3://; see report.py for file://)
 
     @property
     def amplification(self) -> float:
@@ -238,29 +241,21 @@ class RunReport:
         return d
 
 
-def run_local(job: Job, order: list[int] | None = None) -> RunReport:
-    """Run a whole job in this process: prepare, stage 1, stage 2, clean up, report.
+def marker_record(job: Job, stage: int, stats: ChunkStats, extra: dict, *, started: float, pool: str,
+                  receive_count: int, worker: str | None = None) -> dict:
+    """What a chunk's done marker keeps: the task's timings and counts, who did it, and
+    (stage 1) its partial sum's sha256 and the engine that ran the network."""
+    record = {**stats.to_dict(), **extra, "pool": pool, "receive_count": receive_count,
+              "started_at": started, "finished_at": time.time()}
+    if worker is not None:
+        record["worker"] = worker
+    if stage == 1:  # merges run no network
+        record["engine"] = job.predictor.engine.name
+    return record
 
-    ``order`` lists chunk indices to process (default: plan order); stage 2 runs
-    over the same order after every stage-1 task has finished.
-    """
-    t0 = time.perf_counter()
-    job.prepare()
-    job.predictor.patches_evaluated = 0
-    indices = list(range(len(job.plan))) if order is None else order
-    report = RunReport(job.id, len(job.plan), job.roi.size, 0, len(job.grid), 0.0)
-    for i in indices:
-        started = time.time()
-        stats, extra = run_stage1(job, job.plan[i])
-        # stage 2 merges only partial sums whose marker vouches for their bytes
-        job.mark_done(1, job.plan[i], {**stats.to_dict(), **extra, "receive_count": 1,
-                                       "started_at": started, "finished_at": time.time()})
-        report.stage1.add(stats)
-    for i in indices:
-        report.stage2.add(run_stage2(job, job.plan[i])[0])
-    job.remove_scratch()
-    report.patches_evaluated = job.predictor.patches_evaluated
-    report.segmentation = segment_job(job)
-    report.wall_s = time.perf_counter() - t0
-    job.write_report(report.to_dict())
-    return report
+
+def run_local(job: Job, order: list[int] | None = None) -> RunReport:
+    """The whole run in this process (:func:`chunk_ops.pipeline.run_job`)."""
+    from .pipeline import run_job
+
+    return run_job(job, order=order)

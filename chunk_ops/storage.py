@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -90,6 +91,63 @@ def local_path(url: str) -> Path | None:
     if "://" not in url:
         return Path(url)
     return None
+
+
+class StorageError(ValueError):
+    """A location cannot be used: no credentials, no permission, not a folder."""
+
+
+def describe_cloud_error(error: BaseException) -> str:
+    """One line saying why a storage or AWS call failed, with what to set for the usual causes."""
+    name = type(error).__name__
+    if name == "NoCredentialsError":
+        return ("no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, "
+                "or ~/.cloudvolume/secrets/aws-secret.json)")
+    if name == "NoRegionError":
+        return "no AWS region set (set AWS_DEFAULT_REGION, e.g. us-east-1)"
+    if name == "DefaultCredentialsError":
+        return ("no Google Cloud credentials found (set GOOGLE_APPLICATION_CREDENTIALS "
+                "or ~/.cloudvolume/secrets/google-secret.json)")
+    if name == "EndpointConnectionError":
+        return f"cannot reach the endpoint: {error}"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}" + (f": {error.filename}" if error.filename else "")
+    code = getattr(error, "response", {}).get("Error", {}).get("Code") if hasattr(error, "response") else None
+    if code in {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+        return f"access denied ({code})"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{name}: {first}" if first else name
+
+
+def probe_writable(url: str, *, what: str) -> None:
+    """Write and remove a small object at ``url``: can this job write there?
+
+    Raises :class:`StorageError` naming ``what`` and ``url``.  Leaves nothing behind: on
+    local disk the probe goes to the nearest folder that exists (no folders are made).
+    """
+    folder = local_path(url)
+    if folder is not None:
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise StorageError(f"{what} {url} cannot be written: {existing} is a file, not a folder")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".chunk_ops-probe-", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise StorageError(f"{what} {url} cannot be written: {describe_cloud_error(e)} ({existing})") from None
+        return
+    from cloudfiles import CloudFiles
+
+    name = f".chunk_ops-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        files = CloudFiles(url)
+        files.put(name, b"probe", compress=None)
+        files.delete(name)
+    except Exception as e:  # credentials, permissions, a bucket that does not exist
+        raise StorageError(f"{what} {url} cannot be written: {describe_cloud_error(e)}") from None
 
 
 install()

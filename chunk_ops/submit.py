@@ -10,13 +10,11 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from . import storage
 from .job import Job
 from .queues import QueueCounts
 from .queues.stages import STAGES, StageQueues
-from .segment import segment_job
 from .stages import ChunkStats, RunReport
 from .task import Task
 
@@ -30,16 +28,21 @@ def default_queue_url(job: Job) -> str:
     return f"file://{Path.home()}/.cache/chunk_ops/queues/{job.id}.sqlite"
 
 
-def stage_messages(job: Job, stage: int, skip_done: bool = True) -> Iterator[str]:
+def stage_messages(job: Job, stage: int, skip_done: bool = True,
+                   on_each: Callable[[], None] | None = None) -> Iterator[str]:
+    """The stage's task messages in plan order; ``on_each`` is called per chunk, sent or skipped."""
     done = job.done_mask(stage) if skip_done else None
     for i, box in enumerate(job.plan):
         if done is None or not done[i]:
             yield Task(job.id, job.spec_url, stage, box).to_json()
+        if on_each is not None:
+            on_each()
 
 
-def enqueue_stage(job: Job, queues: StageQueues, stage: int) -> int:
+def enqueue_stage(job: Job, queues: StageQueues, stage: int,
+                  on_each: Callable[[], None] | None = None) -> int:
     """Send the stage's tasks that are not done yet to its queue; returns how many were sent."""
-    return queues.of(stage).send_batch(stage_messages(job, stage))
+    return queues.of(stage).send_batch(stage_messages(job, stage, on_each=on_each))
 
 
 @dataclass
@@ -105,14 +108,12 @@ class StageIncomplete(RuntimeError):
     """A stage ended with chunks not done (their tasks are dead-lettered or lost)."""
 
 
-def check_stage_done(job: Job, queues: StageQueues, stage: int) -> None:
+def check_stage_done(job: Job, queues: StageQueues | None, stage: int) -> None:
     """Verification: every chunk has a valid marker (each one read and parsed)."""
     missing = len(job.plan) - len(job.done_records(stage))
     if missing:
-        raise StageIncomplete(
-            f"stage {stage} of job {job.id}: {missing} of {len(job.plan)} chunks not done; "
-            f"queue {queues.counts(stage)}; dead letters: {queues.dead_letters(3)}"
-        )
+        where = f"; queue {queues.counts(stage)}; dead letters: {queues.dead_letters(3)}" if queues else ""
+        raise StageIncomplete(f"stage {stage} of job {job.id}: {missing} of {len(job.plan)} chunks not done{where}")
 
 
 def report_from_markers(job: Job, wall_s: float | None = None) -> RunReport:
@@ -135,18 +136,4 @@ def report_from_markers(job: Job, wall_s: float | None = None) -> RunReport:
                 pool["engines"].append(record["engine"])
     report.patches_evaluated = report.stage1.patches + report.stage2.patches  # + stage-1 work redone
     report.wall_s = wall_s if wall_s is not None else max(0.0, last - first)
-    return report
-
-
-def finish_job(job: Job, queues: StageQueues, wall_s: float | None = None) -> RunReport:
-    """After the merge: check every chunk is done, remove the scratch, segment, write the report."""
-    check_stage_done(job, queues, 2)
-    job.remove_scratch()
-    for url in (job.spec.output_url, job.job_url):  # what killed writers left on local disk
-        folder = storage.local_path(url)
-        if folder is not None and folder.is_dir():
-            storage.sweep_temporaries(folder)
-    report = report_from_markers(job, wall_s)
-    report.segmentation = segment_job(job)
-    job.write_report(report.to_dict())
     return report

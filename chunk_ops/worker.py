@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from .job import Job
 from .queues import Lease, LeaseLost, TaskQueue
 from .queues.stages import STAGES, StageQueues
-from .stages import run_stage1, run_stage2
+from .stages import marker_record, run_stage1, run_stage2
 from .task import Task, TaskError
 
 log = logging.getLogger("chunk_ops.worker")
@@ -299,11 +299,9 @@ class Worker:
                 return
             stats, extra = self._with_retries(task, job, heartbeat.confirm)
             heartbeat.confirm()
-            job.mark_done(task.stage, task.box, {
-                **stats.to_dict(), **extra, "worker": WORKER_NAME, "pool": self.config.pool,
-                "receive_count": lease.receive_count, "started_at": started, "finished_at": time.time(),
-                **({"engine": job.predictor.engine.name} if task.stage == 1 else {}),  # merges run no network
-            })
+            job.mark_done(task.stage, task.box, marker_record(
+                job, task.stage, stats, extra, started=started, pool=self.config.pool,
+                receive_count=lease.receive_count, worker=WORKER_NAME))
         except LeaseLost as e:  # the fence: another worker owns this task now
             self._count("abandoned")
             _event("abandoned", message=lease.message_id, reason=str(e))

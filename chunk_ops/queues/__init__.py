@@ -23,4 +23,20 @@ def open_queue(url: str, *, create: bool = False, max_receives: int | None = Non
     raise ValueError(f"unsupported queue URL {url!r}: use sqs://<name> or file:///path/queue.sqlite")
 
 
+def probe_queue(url: str) -> None:
+    """Check that the queue named by ``url`` can be used (it may not exist yet); ValueError naming it."""
+    if url.startswith("sqs://"):
+        from .sqs import probe
+
+        probe(url)
+        return
+    if url.startswith("file://") or url.startswith("/"):
+        from ..storage import probe_writable
+
+        path = url.removeprefix("file://")
+        probe_writable("file://" + path.rsplit("/", 1)[0], what=f"queue {url}: its folder")
+        return
+    open_queue(url)  # raises: unsupported scheme
+
+
 __all__ = ["DEFAULT_MAX_RECEIVES", "Lease", "LeaseLost", "QueueCounts", "TaskQueue", "open_queue"]

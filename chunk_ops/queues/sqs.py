@@ -24,10 +24,37 @@ _LEASE_GONE = {"ReceiptHandleIsInvalid", "MessageNotInflight", "AWS.SimpleQueueS
                "InvalidReceiptHandle"}
 
 
-def sqs_client():
+def sqs_client(url: str = "sqs://"):
+    """A boto3 SQS client; a missing region or endpoint is a one-line error naming ``url``."""
     import boto3
+    from botocore.exceptions import BotoCoreError
 
-    return boto3.client("sqs")
+    from ..storage import describe_cloud_error
+
+    try:
+        return boto3.client("sqs")
+    except BotoCoreError as e:
+        raise ValueError(f"queue {url}: {describe_cloud_error(e)}") from None
+
+
+def probe(url: str) -> None:
+    """Can this queue be reached (region, credentials, endpoint)?  It may not exist yet."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from ..storage import describe_cloud_error
+
+    name = url.removeprefix("sqs://").strip("/")
+    if not name:
+        raise ValueError(f"queue URL {url!r} names no queue (expected sqs://<name>)")
+    client = sqs_client(url)
+    try:
+        client.get_queue_url(QueueName=name)
+    except ClientError as e:
+        code = e.response["Error"]["Code"]
+        if "NonExistentQueue" not in code and "QueueDoesNotExist" not in code:  # a missing queue is made later
+            raise ValueError(f"queue {url}: {describe_cloud_error(e)}") from None
+    except BotoCoreError as e:
+        raise ValueError(f"queue {url}: {describe_cloud_error(e)}") from None
 
 
 class SqsQueue:
@@ -38,7 +65,7 @@ class SqsQueue:
         self.name = url.removeprefix("sqs://").strip("/")
         if not self.name:
             raise ValueError(f"queue URL {url!r} names no queue (expected sqs://<name>)")
-        self.client = client or sqs_client()
+        self.client = client or sqs_client(url)
         self._ClientError = ClientError
         if create:
             self._create(max_receives or DEFAULT_MAX_RECEIVES)

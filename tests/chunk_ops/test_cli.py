@@ -26,14 +26,14 @@ def test_validate_then_run(make_spec, tmp_path):
     job_file.write_text(json.dumps(spec))
     out_dir = Path(spec["output"]["url"].removeprefix("file://"))
 
-    checked = _chunk_ops("validate", str(job_file), cwd=tmp_path)
+    checked = _chunk_ops("validate", str(job_file), "--json", cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
     summary = json.loads(checked.stdout)
     assert summary["valid"] is True and summary["chunks"] == 3 * 3 * 3
     assert summary["engine_here"] == "torch-cpu-float32"  # the spec asks for engine pytorch
     assert not out_dir.exists(), "validate must not write"
 
-    ran = _chunk_ops("run", str(job_file), cwd=tmp_path)
+    ran = _chunk_ops("run", str(job_file), "--json", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     report = json.loads(ran.stdout)
     assert report["job_id"] == summary["job_id"] and report["amplification"] == 1.0
@@ -77,27 +77,27 @@ def test_submit_workers_and_status_over_sqs(make_spec, tmp_path, moto_sqs):
     queue = f"sqs://cli-{tmp_path.name[-12:]}"
 
     for stage in ("1", "2"):
-        submitted = _chunk_ops("submit", str(job_file), "--queue", queue, "--stage", stage, cwd=tmp_path)
+        submitted = _chunk_ops("submit", str(job_file), "--queue", queue, "--stage", stage, "--json", cwd=tmp_path)
         assert submitted.returncode == 0, submitted.stderr
         assert json.loads(submitted.stdout)["sent"] == 27
         worked = _chunk_ops("worker", "--queue", queue, "--idle-exit", "2", cwd=tmp_path)
         assert worked.returncode == 0, worked.stderr
         assert worked.stderr.count('"event": "done"') == 27
 
-    status = _chunk_ops("status", str(job_file), "--queue", queue, cwd=tmp_path)
+    status = _chunk_ops("status", str(job_file), "--queue", queue, "--json", cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     assert report["stages"]["1"]["done"] == report["stages"]["2"]["done"] == 27
     assert report["queues"] == {str(s): {"visible": 0, "in_flight": 0, "dead": 0, "pending": 0} for s in (1, 2)}
     assert report["stages"]["1"]["voxels_per_s"] > 0 and report["stages"]["1"]["eta_s"] == 0
 
-    finished = _chunk_ops("finish", str(job_file), "--queue", queue, cwd=tmp_path)
+    finished = _chunk_ops("finish", str(job_file), "--queue", queue, "--json", cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr
     assert json.loads(finished.stdout)["amplification"] == 1.0
     job_dir = Path(spec["output"]["url"].removeprefix("file://")) / "jobs" / report["job_id"]
     assert (job_dir / "report.json").exists() and not any((job_dir / "scratch").glob("*.npy"))
 
-    again = _chunk_ops("submit", str(job_file), "--queue", queue, cwd=tmp_path)
+    again = _chunk_ops("submit", str(job_file), "--queue", queue, "--json", cwd=tmp_path)
     assert json.loads(again.stdout)["sent"] == 0  # a rerun of a finished job sends nothing
 
     job = Job.open(spec)

@@ -405,14 +405,14 @@ def test_the_embedded_queue_survives_hostile_bodies_and_stray_files(make_spec, t
     assert not (_folder(job.job_url) / "done" / "stage1.0").exists()
 
     job_file = _write_job(tmp_path, spec)
-    status = CliRunner().invoke(cli, ["status", job_file, "--queue", queues.url])
+    status = CliRunner().invoke(cli, ["status", job_file, "--queue", queues.url, "--json"])
     assert status.exit_code == 0, status.output
-    report = json.loads(status.output)
+    report = json.loads(status.stdout)
     assert report["stages"]["1"]["done"] == len(job.plan)
     assert any("\\xff" in letter for letter in report["dead_letters"])
-    submit = CliRunner().invoke(cli, ["submit", job_file, "--queue", queues.url])
+    submit = CliRunner().invoke(cli, ["submit", job_file, "--queue", queues.url, "--json"])
     assert submit.exit_code == 0, submit.output
-    assert json.loads(submit.output)["sent"] == 0
+    assert json.loads(submit.stdout)["sent"] == 0
 
 
 # --- 10. stages, heartbeats, throttling, receive limits, the pyramid --------------------------------

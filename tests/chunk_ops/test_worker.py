@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from chunk_ops.job import Job
-from chunk_ops.local_pool import run_with_workers, worker_command
+from chunk_ops.pipeline import run_job, worker_command
 from chunk_ops.queues.stages import StageQueues
 from chunk_ops.stages import reference_pass
 from chunk_ops.submit import enqueue_stage, job_status, report_from_markers
@@ -122,7 +122,7 @@ def test_restart_processes_only_the_missing_chunks(make_spec, tmp_path):
 
     rerun = Job.open(spec)
     assert rerun.id == job.id
-    report = run_with_workers(rerun, workers=1, queue_url=queue.url)
+    report = run_job(rerun, workers=1, queue_url=queue.url)
     redone = [r for r in rerun.done_records(1) if r["started_at"] >= restart]
     assert len(redone) == len(job.plan) - 20
     assert np.abs(_read(rerun) - reference_pass(rerun)).max() <= 1e-5

@@ -16,10 +16,10 @@ def test_reprocess_dag_is_scheduled_from_config(dagbag):
 def test_a_finished_unchanged_job_triggers_nothing(dagbag, make_spec, tmp_path, monkeypatch):
     """(New and changed jobs, which do trigger runs, are tested against airflow standalone.)"""
     from chunk_ops.job import Job
-    from chunk_ops.local_pool import run_with_workers
+    from chunk_ops.pipeline import run_job
 
     spec = make_spec()
-    run_with_workers(Job.open(spec), workers=1)  # finished: every chunk has its done markers
+    run_job(Job.open(spec), workers=1)  # finished: every chunk has its done markers
     listing = tmp_path / "jobs.json"
     listing.write_text(json.dumps([spec]))
     monkeypatch.setenv("AIRFLOW__CHUNKFLOW__REPROCESS_JOBS", str(listing))
