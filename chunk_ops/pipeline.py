@@ -198,8 +198,12 @@ def pyramid(job: Job) -> list[int]:
         return build_pyramid(job.spec.output_url, levels, on_level=lambda _: bar.update())
 
 
-def report(job: Job, summary: RunReport) -> RunReport:
-    """report.json, .md, .html and .png next to the output; the summary gets their URLs."""
+def report(job: Job, summary: RunReport | dict, *, segmentation: dict, pyramid_chunks: list[int]) -> RunReport:
+    """The finish step's summary with the segment and pyramid steps' results, written as
+    report.json, .md, .html and .png next to the output; the summary gets their URLs."""
+    if isinstance(summary, dict):  # from an XCom
+        summary = RunReport.from_dict(summary)
+    summary.segmentation, summary.pyramid_chunks = segmentation, pyramid_chunks
     summary.reports = write_report(job, summary.to_dict())
     summary.neuroglancer = neuroglancer_link(job)
     job.write_report(summary.to_dict())
@@ -209,9 +213,7 @@ def report(job: Job, summary: RunReport) -> RunReport:
 def complete(job: Job, queues: StageQueues | None = None, wall_s: float | None = None) -> RunReport:
     """The steps after the merge, in order: finish, segment, pyramid, report."""
     summary = finish(job, queues, wall_s)
-    summary.segmentation = segment(job)
-    summary.pyramid_chunks = pyramid(job)
-    return report(job, summary)
+    return report(job, summary, segmentation=segment(job), pyramid_chunks=pyramid(job))
 
 
 # --- the whole run ---------------------------------------------------------------------------

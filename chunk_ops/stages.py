@@ -234,6 +234,14 @@ class RunReport:
         """Patches evaluated by this run / patches of a whole-volume single pass."""
         return self.patches_evaluated / self.patches_in_grid
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunReport":
+        """The inverse of :meth:`to_dict` (derived keys dropped)."""
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for stage in ("stage1", "stage2"):
+            fields[stage] = ChunkStats(**fields[stage])
+        return cls(**fields)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["amplification"] = round(self.amplification, 4)

@@ -137,7 +137,7 @@ def probe_writable(url: str, *, what: str) -> None:
             os.close(fd)
             os.unlink(probe)
         except OSError as e:
-            raise StorageError(f"{what} {url} cannot be written: {describe_cloud_error(e)} ({existing})") from None
+            raise StorageError(f"{what} {url} cannot be written: {e.strerror or e} (in {existing})") from None
         return
     from cloudfiles import CloudFiles
 

@@ -2,7 +2,8 @@
 ### Seamless ConvNet inference over a precomputed volume
 
 Runs one chunk_ops job: the trigger form's fields are the job spec
-(`chunk_ops/job_spec.schema.json`). Stages:
+(`chunk_ops/job_spec.schema.json`). Each task calls one step of `chunk_ops.pipeline`, the
+sequence `chunk-ops run` runs too, so both write the same files. Steps:
 
 1. **validate** the spec against the volumes and the model (nothing written on error);
 2. **prepare** the output layer and store the spec next to it;
@@ -11,7 +12,8 @@ Runs one chunk_ops job: the trigger form's fields are the job spec
    workers outside Airflow (`workers.standing`: the docker-compose `worker` service) if
    any; a deferrable sensor waits for every chunk's done marker;
 4. **stage 2** (merge, no GPU): the same with local and CPU workers only;
-5. **verify** every chunk, remove the scratch, **segment** (postprocess.segmentation); build the downsampled **pyramid**;
+5. **finish**: verify every chunk, remove the scratch; then **segment** (postprocess.segmentation) and
+   build the downsampled **pyramid**;
 6. **report**: summary in the log and XCom; Markdown/HTML with a picture and a
    Neuroglancer link next to the output.
 
@@ -49,28 +51,28 @@ with DAG(
 
     @task
     def validate(params: dict | None = None) -> dict:
-        """Parse the spec and open the job: volumes, region, model (one forward pass)."""
-        from chunk_ops.job import Job
+        """Parse the spec and open the job: volumes, region, model (one forward pass), output access."""
+        from chunk_ops import pipeline
         from chunk_ops.spec import section_with_defaults
         from chunk_ops.submit import default_queue_url
         from chunkflow_airflow.utils.params import spec_from_params
         from chunkflow_airflow.utils.pods import check_pools
 
         document = spec_from_params(params)
-        job = Job.open(document)
+        job = pipeline.validate(document, probe_queue=False)  # the queue is reached through a connection
         check_pools(section_with_defaults("workers", document.get("workers")), default_queue_url(job))
-        job.predictor  # loads the model and checks it on one patch
         return document
 
     @task(multiple_outputs=True)
     def prepare(document: dict) -> dict:
         """Create the output layer (if new) and store the spec; nothing before this writes."""
+        from chunk_ops import pipeline
         from chunk_ops.job import Job
         from chunk_ops.spec import section_with_defaults
         from chunk_ops.submit import default_queue_url
 
         job = Job.open(document)
-        job.prepare()
+        pipeline.prepare(job)
         queue = section_with_defaults("queue", document.get("queue"))
         return {
             "job_id": job.id,
@@ -84,30 +86,11 @@ with DAG(
 
     @task
     def size_pool(info: dict, sent: int, stage: int, pool: str) -> list:
-        """One pool's workers for a stage: sized from the queue depth, capped by the request.
-
-        Local: a list of worker indices. GPU/CPU: per-pod KubernetesPodOperator kwargs.
-        The GPU pool fills first; CPU pods take the rest; merges (stage 2) get no GPU.
-        """
-        import math
-
+        """One pool's workers for a stage (sized from the queue depth, capped by the request)."""
         from chunkflow_airflow.hooks.chunk_queue import ChunkQueueHook
-        from chunkflow_airflow.utils.pods import pod_kwargs
+        from chunkflow_airflow.utils.pods import pool_members
 
-        w = info["workers"]
-        if not sent:
-            return []
-        if pool == "local":
-            return list(range(w["local"]))
-        hook = ChunkQueueHook(info["queue_url"], info["aws_conn_id"])
-        wanted = math.ceil(hook.get_queues().counts(stage).pending / w["tasks_per_worker"])
-        gpu = min(w["gpu"]["max"], wanted) if stage == 1 else 0
-        count = gpu if pool == "gpu" else min(w["cpu"]["max"], max(0, wanted - gpu))
-        pods = pod_kwargs(pool, stage, count, job_id=info["job_id"], queue_url=info["queue_url"],
-                          spec_prefix=info["spec_url"].rsplit("/", 1)[0] + "/",
-                          cloud=w["cloud"], idle_exit_s=w["idle_exit_s"], lease_s=w["lease_s"],
-                          env=hook.worker_env())
-        return [{**kw, "image": w["image"], "namespace": w["namespace"]} for kw in pods]
+        return pool_members(info, pool, stage, sent, ChunkQueueHook(info["queue_url"], info["aws_conn_id"]))
 
     @task(retries=2, retry_delay=timedelta(seconds=10))
     def local_worker(index: int, info: dict) -> dict:
@@ -143,38 +126,40 @@ with DAG(
 
     @task
     def finish(info: dict) -> dict:
-        """Every chunk of both stages done; scratch removed; segmented; report written by the output."""
+        """Every chunk of both stages verified; scratch removed; the run's summary from the markers."""
+        from chunk_ops import pipeline
         from chunk_ops.job import Job
-        from chunk_ops.submit import finish_job
         from chunkflow_airflow.hooks.chunk_queue import ChunkQueueHook
 
         queues = ChunkQueueHook(info["queue_url"], info["aws_conn_id"]).get_queues()
-        summary = finish_job(Job.from_spec_url(info["spec_url"]), queues).to_dict()
-        summary["dead_letters"] = queues.counts(1).dead + queues.counts(2).dead
-        return summary
+        return pipeline.finish(Job.from_spec_url(info["spec_url"]), queues).to_dict()
 
     @task
-    def pyramid(info: dict, params: dict | None = None) -> list[int]:
-        """Downsampled mips of the output (2x2x1 each), for browsing the result."""
-        from chunk_ops.downsample import build_pyramid
+    def segment(info: dict) -> dict:
+        """postprocess.segmentation of the output (nothing when its method is none)."""
+        from chunk_ops import pipeline
         from chunk_ops.job import Job
-        from chunk_ops.spec import section_with_defaults
 
-        levels = section_with_defaults("postprocess", (params or {}).get("postprocess"))["pyramid_levels"]
-        return build_pyramid(Job.from_spec_url(info["spec_url"]).spec.output_url, levels)
+        return pipeline.segment(Job.from_spec_url(info["spec_url"]))
 
     @task
-    def report(info: dict, summary: dict, mips: list[int]) -> dict:
-        """Summary in the log and XCom; report.md/.html/.png and a Neuroglancer link by the output."""
+    def pyramid(info: dict) -> list[int]:
+        """Downsampled mips of the output (2x2x1 each), for browsing the result."""
+        from chunk_ops import pipeline
+        from chunk_ops.job import Job
+
+        return pipeline.pyramid(Job.from_spec_url(info["spec_url"]))
+
+    @task
+    def report(info: dict, summary: dict, segmentation: dict, mips: list[int]) -> dict:
+        """report.json/.md/.html/.png and a Neuroglancer link by the output; the summary in the log and XCom."""
         import json
 
+        from chunk_ops import pipeline
         from chunk_ops.job import Job
-        from chunk_ops.report import neuroglancer_link, write_report
 
-        job = Job.from_spec_url(info["spec_url"])
-        summary = {**summary, "pyramid_chunks": mips}
-        files = write_report(job, summary)
-        result = {**summary, "reports": files, "neuroglancer": neuroglancer_link(job)}
+        result = pipeline.report(Job.from_spec_url(info["spec_url"]), summary, segmentation=segmentation,
+                                 pyramid_chunks=mips).to_dict()
         print(json.dumps(result, indent=2))
         return result
 
@@ -202,6 +187,7 @@ with DAG(
         local >> done
         previous = done
     summary = finish(info)
-    mips = pyramid(info)
-    previous >> summary >> mips  # the pyramid reads the finished output
-    report(info, summary, mips)
+    previous >> summary
+    labels, mips = segment(info), pyramid(info)
+    summary >> [labels, mips]  # both read the finished output
+    report(info, summary, labels, mips)

@@ -9,6 +9,8 @@ Node selectors and tolerations follow each cloud's conventions:
 
 from __future__ import annotations
 
+import math
+
 SPOT = {
     "gke": ({"cloud.google.com/gke-spot": "true"},
             [{"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}]),
@@ -81,3 +83,40 @@ def pod_kwargs(pool: str, stage: int, count: int, *, job_id: str, queue_url: str
         }
         for i in range(count)
     ]
+
+
+def pool_size(workers: dict, pool: str, stage: int, pending: int) -> int:
+    """How many workers a pool gets for a stage, from the tasks pending and the request's limits.
+
+    Local: ``workers.local`` whenever there is work.  Cloud: one worker per
+    ``tasks_per_worker`` pending tasks; the GPU pool fills first (stage 1 only: merges
+    never hold a GPU), CPU pods take the rest; each capped by its ``max``.
+    """
+    if pending <= 0:
+        return 0
+    if pool == "local":
+        return workers["local"]
+    wanted = math.ceil(pending / workers["tasks_per_worker"])
+    gpu = min(workers["gpu"]["max"], wanted) if stage == 1 else 0
+    if pool == "gpu":
+        return gpu
+    if pool == "cpu":
+        return min(workers["cpu"]["max"], wanted - gpu)
+    raise ValueError(f"unknown pool {pool!r} (local, gpu, cpu)")
+
+
+def pool_members(info: dict, pool: str, stage: int, sent: int, hook) -> list:
+    """A stage's members of one pool, for ``.expand``: worker indices (local) or per-pod
+    KubernetesPodOperator kwargs (gpu, cpu).  ``info`` is the prepare step's XCom;
+    ``hook`` a ChunkQueueHook on the run's queue (queue depth, and the pods' queue env)."""
+    if not sent:
+        return []
+    workers = info["workers"]
+    if pool == "local":
+        return list(range(pool_size(workers, pool, stage, sent)))
+    count = pool_size(workers, pool, stage, hook.get_queues().counts(stage).pending)
+    pods = pod_kwargs(pool, stage, count, job_id=info["job_id"], queue_url=info["queue_url"],
+                      spec_prefix=info["spec_url"].rsplit("/", 1)[0] + "/", cloud=workers["cloud"],
+                      idle_exit_s=workers["idle_exit_s"], lease_s=workers["lease_s"], env=hook.worker_env())
+    return [{**kw, "image": workers["image"], "namespace": workers["namespace"]} for kw in pods]
+
