@@ -63,7 +63,7 @@ class Commands(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except click.ClickException:
+        except (click.ClickException, click.exceptions.Exit):  # Exit (from --help) is a RuntimeError
             raise
         except (ValueError, RuntimeError, OSError) as e:
             raise click.ClickException(_one_line(e)) from None
@@ -435,6 +435,22 @@ def train(out: Path, steps: int | None, seed: int, images, labels) -> None:
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     click.echo(json.dumps(record, indent=2))
+
+
+from .view import VIEWER_PORT  # noqa: E402  (light: neuroglancer loads when a viewer starts)
+
+
+@main.command()
+@click.argument("layers", nargs=-1, required=True, metavar="LAYER [LAYER...]")
+@click.option("--port", type=click.IntRange(0, 65535), default=VIEWER_PORT, show_default=True,
+              help="viewer port (the one run reports name); 0: any free port")
+@click.option("--bind", default="127.0.0.1", show_default=True, help="address to serve on")
+@click.option("--no-browser", is_flag=True, help="only print the viewer URL")
+def view(layers: tuple[str, ...], port: int, bind: str, no_browser: bool) -> None:
+    """Show LAYERs (URLs) in Neuroglancer served from here; print its URL; serve until Ctrl-C."""
+    from .view import serve
+
+    serve(list(layers), bind=bind, port=port, open_browser=not no_browser)
 
 
 def _add_chain() -> None:

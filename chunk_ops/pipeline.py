@@ -14,13 +14,11 @@ report is rewritten from the markers.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -169,26 +167,11 @@ def finish(job: Job, queues: StageQueues | None = None, wall_s: float | None = N
     return report
 
 
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """Route file descriptor 1 to stderr: waterz's C++ prints there, and stdout is for results."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def segment(job: Job) -> dict:
     """``postprocess.segmentation`` of the finished output ({} when its method is none)."""
     if job.spec.segmentation["method"] != "none":
         event(f"segmenting {job.roi.size} voxels ({job.spec.segmentation['method']})")
-    with _stdout_to_stderr():
-        return segment_job(job)
+    return segment_job(job)
 
 
 def pyramid(job: Job) -> list[int]:

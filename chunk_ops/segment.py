@@ -19,12 +19,31 @@ unlabelled and ignored).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from typing import Iterator
+
 import numpy as np
 
 METHODS = ("components", "watershed")
 
 
 CHANNEL_AXES = (2, 1, 0)  # affinity channels x, y, z are numpy axes 2, 1, 0 of (z, y, x)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Point file descriptor 1 at stderr for a while: output of C/C++ code bypasses sys.stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _voxels_and_lower_neighbours(axis: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
@@ -67,15 +86,26 @@ def components(affs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return cc3d.color_connectivity_graph(graph, connectivity=6).astype(np.uint32)
 
 
-def watershed(affs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """uint32 labels: waterz watershed fragments agglomerated while mean affinity > threshold."""
+def watershed(affs: np.ndarray, threshold: float = 0.5, *, aff_threshold_low: float = 0.0001,
+              aff_threshold_high: float = 0.9999, fragments: np.ndarray | None = None) -> np.ndarray:
+    """uint32 labels: waterz watershed fragments agglomerated while mean affinity > threshold.
+
+    The watershed seeds where affinities exceed ``aff_threshold_high`` and never crosses
+    edges below ``aff_threshold_low``; given (z, y, x) ``fragments``, waterz
+    agglomerates those instead of its own watershed.
+    """
     import fastremap
     import waterz
 
     affs = _as_probabilities(affs)
     zyx = np.ascontiguousarray(affs[::-1])  # waterz wants channels z, y, x
+    if fragments is not None:
+        fragments = np.array(fragments, dtype=np.uint64, order="C")  # a copy: waterz relabels it in place
     # waterz merges while the score (1 - mean affinity) is below its threshold
-    seg = next(iter(waterz.agglomerate(zyx, [1.0 - threshold])))
+    with stdout_to_stderr():  # waterz's C++ prints its progress on stdout, which is for results
+        seg = next(iter(waterz.agglomerate(zyx, [1.0 - threshold], fragments=fragments,
+                                           aff_threshold_low=aff_threshold_low,
+                                           aff_threshold_high=aff_threshold_high)))
     seg, _ = fastremap.renumber(seg, in_place=True)
     return seg.astype(np.uint32)
 
