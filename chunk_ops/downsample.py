@@ -7,18 +7,24 @@ volume size; writes are block-aligned, so a level built twice gives the same byt
 Where the region under a new voxel leaves the layer (odd sizes or offsets), it is
 padded by repeating the edge voxel, so that new voxel is the mean of the real voxels
 under it (tinybrain alone would average in zeros).
+
+Formats that hold a pyramid (precomputed scales, OME-Zarr multiscales) get the
+levels; a single-level format (Zarr, N5, HDF5, TIFF, npy) gets none, and one log
+line says so: its run does not fail for it.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import numpy as np
 import tinybrain
-from cloudvolume import CloudVolume
 
 from .geometry import Box, ChunkPlan, Vec3
-from .volumes import Volume, open_volume
+from .volumes import Volume, add_mip, mip_count, open_volume, split_format, supports_mips
+
+log = logging.getLogger(__name__)
 
 FACTOR = Vec3(2, 2, 1)
 
@@ -30,16 +36,6 @@ def _read_padded(source: Volume, region: Box) -> np.ndarray:
     before, after = inside.start - region.start, region.stop - inside.stop
     pad = [(b, a) for b, a in zip(before, after)] + [(0, 0)]
     return np.pad(xyzc, pad, mode="edge") if any(b or a for b, a in pad) else xyzc
-
-
-def add_mip(url: str, factor: Vec3 = FACTOR) -> int:
-    """Add one mip level to the layer's info (if the next one is missing); return its index."""
-    cv = CloudVolume(url, progress=False)
-    top = len(cv.scales) - 1
-    resolution = [r * f for r, f in zip(cv.meta.resolution(top).tolist(), factor)]
-    cv.meta.add_resolution(resolution, chunk_size=cv.meta.chunk_size(top).tolist())
-    cv.commit_info()
-    return len(CloudVolume(url, progress=False).scales) - 1
 
 
 def build_mip(url: str, mip: int, chunk_blocks: int = 4) -> int:
@@ -61,10 +57,13 @@ def build_pyramid(url: str, levels: int, on_level: Callable[[int], None] | None 
     Idempotent: a rerun rewrites the same levels with the same bytes, never adds more.
     ``on_level`` is called with each level's index once it is built.
     """
+    if levels and not supports_mips(url):
+        log.info("no pyramid for %s: the %s format holds one resolution level", url, split_format(url)[0])
+        return []
     written = []
     for mip in range(1, levels + 1):
-        if len(CloudVolume(url, progress=False).scales) <= mip:
-            add_mip(url)
+        if mip_count(url) <= mip:
+            add_mip(url, FACTOR)
         written.append(build_mip(url, mip))
         if on_level is not None:
             on_level(mip)

@@ -40,7 +40,7 @@ from .models.loading import model_sha256 as sha256_of
 from .models.registry import definition_sha256 as source_sha256_of
 from .spec import JobSpec, SpecError, job_id, parse_spec
 from . import storage
-from .volumes import Volume, VolumeError, create_volume, open_volume, volume_exists
+from .volumes import Volume, VolumeError, create_volume, layer_folder, open_volume, volume_exists
 
 
 class NotReady(RuntimeError):
@@ -74,7 +74,8 @@ class Job:
         verified then."""
         if isinstance(spec, dict):
             spec = parse_spec(spec)
-        source = open_volume(spec.input_url, spec.input_mip, fill_value=spec.fill_value)
+        source = open_volume(spec.input_url, spec.input_mip, fill_value=spec.fill_value,
+                             fill_missing=spec.fill_missing, blackout_sections=spec.blackout_sections)
         if source.num_channels != spec.model.in_channels:
             raise ModelError(
                 f"input layer {spec.input_url} has {source.num_channels} channels but "
@@ -135,7 +136,7 @@ class Job:
 
     @property
     def job_url(self) -> str:
-        return f"{self.spec.output_url}/jobs/{self.id}"
+        return f"{layer_folder(self.spec.output_url)}/jobs/{self.id}"
 
     @property
     def spec_url(self) -> str:

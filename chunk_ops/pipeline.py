@@ -31,6 +31,7 @@ from .report import neuroglancer_link, write_report
 from .segment import segment_job
 from .stages import RunReport, marker_record, run_stage1, run_stage2
 from .submit import check_stage_done, default_queue_url, enqueue_stage, report_from_markers
+from .volumes import layer_folder
 
 STEPS = ("validate", "prepare", "stage1", "stage2", "finish", "segment", "pyramid", "report")
 IN_PROCESS_POOL = "in-process"
@@ -43,7 +44,7 @@ def validate(document: dict, *, queue_url: str | None = None, probe_queue: bool 
     writing nothing that stays."""
     job = Job.open(document)
     job.predictor
-    storage.probe_writable(job.spec.output_url, what="output.url")
+    storage.probe_writable(layer_folder(job.spec.output_url), what="output.url")  # storage, not zarr://...
     if job.spec.scratch_url:
         storage.probe_writable(job.spec.scratch_url, what="scratch_url")
     if probe_queue:

@@ -20,6 +20,7 @@ from typing import Any
 import jsonschema
 
 from .geometry import Box, Vec3
+from .volumes import VolumeError, split_format
 
 
 # postprocess.segmentation.threshold by method: agglomerate while the mean affinity is
@@ -64,6 +65,8 @@ class JobSpec:
     input_url: str
     input_mip: int
     fill_value: float
+    fill_missing: bool  # input blocks missing from storage read as fill_value (else an error)
+    blackout_sections: tuple[int, ...]  # input z sections read as fill_value
     output_url: str
     output_dtype: str
     block_size: Vec3
@@ -186,6 +189,9 @@ def parse_spec(document: dict[str, Any]) -> JobSpec:
             f"chunk_size {chunk.to_list()} is not a multiple of output.block_size {block.to_list()}"
         )
 
+    # one spelling per set of sections, so the job id does not depend on their order
+    doc["input"]["blackout_sections"] = sorted(set(doc["input"]["blackout_sections"]))
+
     roi = None
     if "roi" in doc:
         try:
@@ -209,6 +215,8 @@ def parse_spec(document: dict[str, Any]) -> JobSpec:
         input_url=doc["input"]["url"].rstrip("/"),
         input_mip=doc["input"]["mip"],
         fill_value=float(doc["input"]["fill_value"]),
+        fill_missing=doc["input"]["fill_missing"],
+        blackout_sections=tuple(doc["input"]["blackout_sections"]),
         output_url=doc["output"]["url"].rstrip("/"),
         output_dtype=doc["output"]["dtype"],
         block_size=block,
@@ -228,7 +236,11 @@ def parse_spec(document: dict[str, Any]) -> JobSpec:
 
 
 def _location(url: str) -> str:
-    """A URL compared by location: plain paths are file://, no trailing slash."""
+    """A URL compared by location: no format prefix, plain paths are file://, no trailing slash."""
+    try:
+        url = split_format(url)[1]
+    except VolumeError:  # not a layer URL (a scratch folder): compared as written
+        pass
     url = url.rstrip("/")
     return url if "://" in url else f"file://{url}"
 
