@@ -81,8 +81,11 @@ def _event(event: str, **fields) -> None:
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 
 
-class _Heartbeat(threading.Thread):
-    """Extends one lease until stopped; enforces the task deadline and the SIGTERM grace."""
+class Heartbeat(threading.Thread):
+    """Extends one lease until stopped; enforces the task deadline and the SIGTERM grace.
+
+    Also keeps the leases of the chain's ``fetch-task`` (:mod:`chunk_ops.operators.sources`).
+    """
 
     def __init__(self, worker: "Worker", lease: Lease, queue: TaskQueue):
         super().__init__(daemon=True)
@@ -275,7 +278,7 @@ class Worker:
         queue = queue or self.queues.of(stage)
         with self._lock:
             self._held[lease.message_id] = (queue, lease)
-        heartbeat = _Heartbeat(self, lease, queue)
+        heartbeat = Heartbeat(self, lease, queue)
         heartbeat.start()
         try:
             self._process(lease, stage, queue, heartbeat)
@@ -284,7 +287,7 @@ class Worker:
             with self._lock:
                 self._held.pop(lease.message_id, None)
 
-    def _process(self, lease: Lease, stage: int, queue: TaskQueue, heartbeat: _Heartbeat) -> None:
+    def _process(self, lease: Lease, stage: int, queue: TaskQueue, heartbeat: Heartbeat) -> None:
         started = time.time()
         try:
             task = Task.from_json(lease.body)

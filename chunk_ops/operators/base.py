@@ -17,17 +17,19 @@ Adding an operator is one module in this package that defines it with
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import pkgutil
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import click
 import numpy as np
 
 from ..geometry import Box, Vec3
+from ..queues.base import LeaseLost
 
 log = logging.getLogger("chunk_ops.chain")
 
@@ -56,14 +58,29 @@ class Chunk:
                      changes.get("layer_type", self.layer_type))
 
 
+class HeldLease(Protocol):
+    """The queue message a task came from, kept leased while the task moves through the chain."""
+
+    def confirm(self) -> None:
+        """The write fence: renew the lease now, or raise LeaseLost."""
+
+    def delete(self) -> None:
+        """The task is done: remove its message (raises LeaseLost if another worker has it now)."""
+
+
 @dataclass
 class ChainTask:
     """One item of the stream: a region, the chunks made for it so far, and bookkeeping."""
 
     box: Box
     chunks: dict[str, Chunk] = field(default_factory=dict)
-    lease: Any = None  # the queue message a fetch-task leased (delete-task deletes it)
+    lease: HeldLease | None = None  # set by fetch-task; delete-task deletes the message
     seconds: dict[str, float] = field(default_factory=dict)  # operator name -> time spent
+
+    def fence(self) -> None:
+        """Call right before writing: a task whose lease was lost (another worker has it) writes nothing."""
+        if self.lease is not None:
+            self.lease.confirm()
 
     def chunk(self, name: str) -> Chunk:
         try:
@@ -94,25 +111,57 @@ def chain(ctx: click.Context) -> None:
 @chain.result_callback()
 def run_chain(operators: list[Operator]) -> None:
     stream: Iterator[ChainTask] = iter(())
+    streams = []
     for op in operators:
         stream = op(stream)
+        streams.append(stream)
     started, done = time.perf_counter(), 0
-    for _ in stream:
-        done += 1
+    try:
+        for _ in stream:
+            done += 1
+    except ValueError as e:  # bad input met mid-stream (VolumeError, SpecError...): its message names it
+        raise click.ClickException(str(e)) from None
+    finally:
+        # close every stage now, not when the traceback dies, so sources let go of what
+        # they hold (fetch-task stops renewing a failed task's lease, which then expires)
+        for s in reversed(streams):
+            getattr(s, "close", lambda: None)()
     click.echo(f"{done} tasks through {len(operators)} operators in {time.perf_counter() - started:.1f} s", err=True)
 
 
 def operator(name: str, **command_kwargs: Any) -> Callable:
-    """Register a chain command; the decorated function does the set-up and returns an Operator."""
-    return chain.command(name, **command_kwargs)
+    """Register a chain command; the decorated function does the set-up and returns an Operator.
+
+    A ``ValueError`` in the set-up (a bad URL, spec or option) becomes a one-line error
+    naming the operator.
+    """
+    def register(setup: Callable[..., Operator]) -> click.Command:
+        @functools.wraps(setup)  # keeps the click options and the help text
+        def checked(*args: Any, **kwargs: Any) -> Operator:
+            try:
+                return setup(*args, **kwargs)
+            except ValueError as e:
+                raise click.ClickException(f"{name}: {e}") from None
+        return chain.command(name, **command_kwargs)(checked)
+    return register
 
 
 def per_task(name: str, fn: Callable[[ChainTask], ChainTask | None]) -> Operator:
-    """An Operator applying ``fn`` to each task (timed under ``name``); ``None`` drops the task."""
+    """An Operator applying ``fn`` to each task (timed under ``name``); ``None`` drops the task.
+
+    A ``ValueError`` stops the chain with a one-line error naming the operator and the
+    task; a task whose lease was lost is dropped (another worker has it now).
+    """
     def run(stream: Iterator[ChainTask]) -> Iterator[ChainTask]:
         for task in stream:
             t0 = time.perf_counter()
-            result = fn(task)
+            try:
+                result = fn(task)
+            except ValueError as e:
+                raise click.ClickException(f"{name} {task.box}: {e}") from None
+            except LeaseLost as e:
+                log.warning("%s %s: dropped, its lease is lost: %s", name, task.box, e)
+                continue
             task.seconds[name] = task.seconds.get(name, 0.0) + time.perf_counter() - t0
             if result is not None:
                 yield result
@@ -134,6 +183,19 @@ def triple_option(*names: str, required: bool = False, default: tuple[int, int, 
         return None if value is None else Vec3.of(value)
     return click.option(*names, nargs=3, type=int, required=required, default=default, callback=to_vec3,
                         show_default=default is not None, help=help + " (x y z)")
+
+
+def box_option(*names: str, required: bool = False, help: str = "") -> Callable:
+    """An option taking six integers ``x0 y0 z0 x1 y1 z1``, handed to the command as a :class:`Box` (or None)."""
+    def to_box(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return Box(Vec3.of(value[:3]), Vec3.of(value[3:]))
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return click.option(*names, nargs=6, type=int, required=required, default=None, callback=to_box,
+                        metavar="X0 Y0 Z0 X1 Y1 Z1", help=help + " (voxels, half-open: start x y z, stop x y z)")
 
 
 input_chunk_option = click.option("-i", "--input-chunk-name", "input_name", default=DEFAULT_CHUNK,

@@ -38,7 +38,8 @@ from chunk_ops import storage
 from chunk_ops.geometry import Box, Vec3
 from chunk_ops.job import Job
 from chunk_ops.stages import reference_pass
-from chunk_ops.submit import check_stage_done, finish_job, stage_messages
+from chunk_ops.pipeline import finish
+from chunk_ops.submit import check_stage_done, stage_messages
 from chunk_ops.volumes import open_volume
 from tests.chunk_ops.test_worker import ARTIFACTS, _queue, _slow_job, _spawn, _wait_until
 
@@ -297,7 +298,7 @@ def test_chaos_on_sqs_kills_freezes_and_duplicates_lose_nothing(moto_sqs, make_s
     skipped = sum(w.count("skip_done") for w in everyone)
     dead = queues.counts(1).dead + queues.counts(2).dead
 
-    report = finish_job(job, queues, wall_s)  # raises unless every chunk of stage 2 is done
+    report = finish(job, queues, wall_s)  # raises unless every chunk of stage 2 is done
 
     result = {
         "chunks": len(job.plan), "workers": WORKERS, "visibility_timeout_s": VISIBILITY_S,

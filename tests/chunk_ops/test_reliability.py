@@ -30,7 +30,8 @@ from chunk_ops.queues import LeaseLost
 from chunk_ops.queues.stages import StageQueues
 from chunk_ops.spec import SpecError, parse_spec
 from chunk_ops.stages import reference_pass, run_local
-from chunk_ops.submit import enqueue_stage, finish_job, job_status
+from chunk_ops.pipeline import finish
+from chunk_ops.submit import enqueue_stage, job_status
 from chunk_ops.task import Task, TaskError
 from chunk_ops.volumes import open_volume
 from chunk_ops.worker import EXIT_DEADLINE, Worker, WorkerConfig
@@ -114,7 +115,7 @@ def test_a_worker_frozen_past_its_lease_writes_nothing_into_a_newer_job(make_spe
         time.sleep(3)  # past its 2 s lease: the task is someone else's now
         _send(queues, old, 2, [b for b in old.plan if b != chunk])
         _drain(queues, stages=(2,))  # redoes the frozen worker's chunk too
-        finish_job(old, queues)
+        finish(old, queues)
 
         # a reprocess of the same output layer: new weights, a new job, run to the end
         spec["model"]["path"] = str(save_net(tmp_path, "TinyConvNet", dict(spec["model"]["kwargs"], seed=4)))
@@ -157,7 +158,7 @@ def test_a_duplicate_writer_killed_mid_write_leaves_every_block_whole(make_spec,
     time.sleep(3.5)  # its lease runs out; the redelivery finds the chunk done
     summary = _drain(queues, stages=(2,))
     assert summary.skipped == 1
-    finish_job(job, queues)
+    finish(job, queues)
     assert all(p.stat().st_size > 0 for p in scale_dir.iterdir()), "a torn (empty) block"
     _assert_equals_reference(job)
     assert _leftovers(job.spec.output_url) == []
@@ -180,11 +181,11 @@ def test_jobs_sharing_a_scratch_url_keep_to_their_own_partial_sums(make_spec, tm
     _drain(queues, stages=(1,))
     enqueue_stage(jobs[0], queues, 2)
     _drain(queues, stages=(2,))
-    finish_job(jobs[0], queues)  # removes the first job's partial sums only
+    finish(jobs[0], queues)  # removes the first job's partial sums only
     enqueue_stage(jobs[1], queues, 2)
     summary = _drain(queues, stages=(2,))
     assert summary.failed == 0
-    finish_job(jobs[1], queues)
+    finish(jobs[1], queues)
     for job in jobs:
         _assert_equals_reference(job)
     assert [p.name for p in scratch.rglob("*") if p.is_file()] == ["keep.txt"]
@@ -342,7 +343,7 @@ def test_a_bad_partial_sum_is_redone_never_blended(make_spec, tmp_path, damage):
     enqueue_stage(job, queues, 2)
     summary = _drain(queues, stages=(2,))
     assert summary.failed == 0 and queues.counts(2).dead == 0
-    report = finish_job(job, queues)
+    report = finish(job, queues)
     _assert_equals_reference(job)
     assert job.done_record(1, job.plan[0]).get("redone_by_stage2") is True
     assert report.amplification > 1.0  # the redone patches are counted, not hidden
@@ -428,7 +429,7 @@ def test_a_gpu_worker_serving_stage_1_never_takes_a_merge(make_spec, tmp_path):
     assert (counts.visible, counts.in_flight) == (len(job.plan), 0)  # untouched: no receive counted
     cpu = _drain(queues, stages=(1, 2))
     assert cpu.by_stage[2] == len(job.plan)
-    finish_job(job, queues)
+    finish(job, queues)
     _assert_equals_reference(job)
 
 
