@@ -39,7 +39,7 @@ from chunk_ops.models.demo import bundled_model_spec, bundled_weights, write_dem
 from chunk_ops.models.loading import load_predictor  # noqa: E402
 from chunk_ops.sample import synthetic_em, write_sample  # noqa: E402
 from chunk_ops.spec import parse_spec  # noqa: E402
-from chunk_ops.stages import run_local  # noqa: E402
+from chunk_ops.pipeline import run_job  # noqa: E402
 
 # PyTorch bf16 on a CPU without bf16 units is emulated (145x slower here) and refused by the engine
 ENGINES = [("pytorch", "float32"), *([("pytorch", "bfloat16")] if cpu_has_bf16() else []),
@@ -96,7 +96,7 @@ def end_to_end(shape, rounds: int) -> dict:
                 job.prepare()  # model load and conversion: once per worker, not per chunk
                 names[engine] = job.predictor.engine.name
                 t0 = time.perf_counter()
-                run_local(job)
+                run_job(job)
                 rates[engine].append(job.roi.size / (time.perf_counter() - t0))
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

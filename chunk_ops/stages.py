@@ -260,10 +260,3 @@ def marker_record(job: Job, stage: int, stats: ChunkStats, extra: dict, *, start
     if stage == 1:  # merges run no network
         record["engine"] = job.predictor.engine.name
     return record
-
-
-def run_local(job: Job, order: list[int] | None = None) -> RunReport:
-    """The whole run in this process (:func:`chunk_ops.pipeline.run_job`)."""
-    from .pipeline import run_job
-
-    return run_job(job, order=order)

@@ -23,7 +23,7 @@ def default_queue_url(job: Job) -> str:
     """The spec's queue; else the embedded one beside a local output, or in the cache folder."""
     if job.spec.queue_url:
         return job.spec.queue_url
-    if job.spec.output_url.startswith("file://"):
+    if job.job_url.startswith("file://"):  # a local output, in any format
         return f"{job.job_url}/queue.sqlite"
     return f"file://{Path.home()}/.cache/chunk_ops/queues/{job.id}.sqlite"
 

@@ -26,8 +26,9 @@ Each module's docstring says how that format keeps offset, resolution and blocks
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from ..geometry import Box, Vec3
 from .base import MissingBlock, Volume, VolumeError
@@ -72,6 +73,23 @@ def format_class(url: str) -> tuple[type[Volume], str]:
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls), location
 
 
+@contextlib.contextmanager
+def _named(url: str) -> Iterator[None]:
+    """Credential, permission and endpoint failures of the storage under a layer: one
+    :class:`VolumeError` naming the layer, instead of the cloud library's traceback."""
+    try:
+        yield
+    except VolumeError:
+        raise
+    except Exception as e:
+        if not (type(e).__module__.startswith(("botocore", "google.auth", "google.api_core"))
+                or isinstance(e, PermissionError)):
+            raise
+        from ..storage import describe_cloud_error
+
+        raise VolumeError(f"{url}: {describe_cloud_error(e)}") from None
+
+
 def open_volume(url: str, mip: int = 0, *, fill_value: float = 0.0, fill_missing: bool = False,
                 blackout_sections: Iterable[int] = ()) -> Volume:
     """The layer at ``url`` at ``mip``.  Reads outside its bounds, of blocks missing from
@@ -80,7 +98,8 @@ def open_volume(url: str, mip: int = 0, *, fill_value: float = 0.0, fill_missing
     cls, location = format_class(url)
     if mip and not cls.multiscale:
         raise VolumeError(f"{url} holds one resolution level: it has no mip {mip}")
-    volume = cls(location, mip, url=url, fill_value=fill_value, fill_missing=fill_missing)
+    with _named(url):
+        volume = cls(location, mip, url=url, fill_value=fill_value, fill_missing=fill_missing)
     volume.black_out(blackout_sections)
     return volume
 
@@ -89,14 +108,16 @@ def create_volume(url: str, *, bounds: Box, block_size: Vec3, dtype: str, num_ch
                   resolution, layer_type: str = "image") -> Volume:
     """Create a new single-mip layer at ``url`` and open it."""
     cls, location = format_class(url)
-    cls.create(location, bounds=bounds, block_size=block_size, dtype=dtype, num_channels=num_channels,
-               resolution=resolution, layer_type=layer_type)
+    with _named(url):
+        cls.create(location, bounds=bounds, block_size=block_size, dtype=dtype, num_channels=num_channels,
+                   resolution=resolution, layer_type=layer_type)
     return open_volume(url)
 
 
 def volume_exists(url: str) -> bool:
     cls, location = format_class(url)
-    return cls.exists(location)
+    with _named(url):
+        return cls.exists(location)
 
 
 def layer_folder(url: str) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from chunk_ops.job import Job
 from chunk_ops.spec import SpecError, parse_spec
-from chunk_ops.stages import run_local
+from chunk_ops.pipeline import run_job
 
 
 def _output_dir(spec: dict) -> Path:
@@ -17,7 +17,7 @@ def _output_dir(spec: dict) -> Path:
 
 
 def _run(spec: dict) -> None:
-    run_local(Job.open(spec))
+    run_job(Job.open(spec))
 
 
 def _roi_outside(spec):

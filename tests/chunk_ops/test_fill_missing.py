@@ -11,7 +11,7 @@ import pytest
 
 from chunk_ops.geometry import Box
 from chunk_ops.job import Job
-from chunk_ops.stages import run_local
+from chunk_ops.pipeline import run_job
 from chunk_ops.volumes import VolumeError, create_volume, open_volume
 
 FILL = 100  # raw input units; not 0, so a filled hole differs from an unwritten block
@@ -69,15 +69,15 @@ def _output_blocks(url: str) -> list[Path]:
 def test_holes_reach_the_network_as_the_fill_value(make_spec, holey):
     holey_url, filled_url = holey
     job = Job.open(_spec(make_spec, holey_url, "out", fill_missing=True, blackout_sections=[BLACKOUT]))
-    run_local(job)
+    run_job(job)
     reference = Job.open(_spec(make_spec, filled_url, "reference"))
-    run_local(reference)
+    run_job(reference)
     got = open_volume(job.spec.output_url).read(job.roi)
     np.testing.assert_array_equal(got, open_volume(reference.spec.output_url).read(reference.roi))
 
     # the holes mattered: the output over the original input differs around them
     original = Job.open(_spec(make_spec, make_spec()["input"]["url"], "original"))
-    run_local(original)
+    run_job(original)
     assert np.abs(got - open_volume(original.spec.output_url).read(original.roi)).max() > 0.01
 
 
@@ -85,7 +85,7 @@ def test_without_fill_missing_the_job_fails_naming_the_block_and_writes_no_block
     holey_url, _ = holey
     job = Job.open(_spec(make_spec, holey_url, "out"))
     with pytest.raises(VolumeError) as e:
-        run_local(job)
+        run_job(job)
     message = str(e.value)
     assert "\n" not in message and "input.fill_missing" in message
     named = re.search(r"block (\S+) is missing", message).group(1)

@@ -13,7 +13,7 @@ import torch
 from chunk_ops.engines import ModelError, TorchEngine, cpu_has_bf16
 from chunk_ops.job import Job
 from chunk_ops.models.rsunet import RSUNet
-from chunk_ops.stages import run_local
+from chunk_ops.pipeline import run_job
 from chunk_ops.volumes import open_volume
 from tests.chunk_ops import nets
 
@@ -35,7 +35,7 @@ def _export(net: torch.nn.Module, fmt: str, folder: Path, patch_zyx, dynamic_bat
 def test_every_format_gives_the_same_volume(make_spec, tmp_path, fmt):
     reference_spec = make_spec(out_channels=2, output="from-state-dict")
     reference = Job.open(reference_spec)
-    run_local(reference)
+    run_job(reference)
 
     net = nets.TinyConvNet(in_channels=1, out_channels=2).eval()
     spec = make_spec(out_channels=2, output=f"from-{fmt}")
@@ -43,7 +43,7 @@ def test_every_format_gives_the_same_volume(make_spec, tmp_path, fmt):
     spec["inference"]["engine"] = "onnxruntime" if fmt == "onnx" else "pytorch"
     del spec["model"]["definition"], spec["model"]["kwargs"]
     job = Job.open(spec)
-    run_local(job)
+    run_job(job)
     a = open_volume(reference_spec["output"]["url"], 0).read(reference.roi)
     b = open_volume(spec["output"]["url"], 0).read(job.roi)
     assert job.predictor.engine.name.startswith("onnxruntime" if fmt == "onnx" else "torch")
@@ -58,7 +58,7 @@ def test_onnx_model_with_fixed_patch_size_rejects_another_patch(make_spec, tmp_p
     spec["inference"]["engine"] = engine
     del spec["model"]["definition"], spec["model"]["kwargs"]
     with pytest.raises(ModelError, match=r"input patch is fixed at \(x,y,z\) \[16, 16, 4\], but model.input_patch is \[12, 12, 4\]"):
-        run_local(Job.open(spec))
+        run_job(Job.open(spec))
     assert not Path(spec["output"]["url"].removeprefix("file://")).exists()
 
 
@@ -76,7 +76,7 @@ def test_state_dicts_load_with_weights_only(make_spec, tmp_path):
     torch.save({"c1.weight": payload}, buf, pickle_protocol=pickle.HIGHEST_PROTOCOL)
     Path(spec["model"]["path"]).write_bytes(buf.getvalue())
     with pytest.raises(ModelError, match="is not a readable state_dict"):
-        run_local(Job.open(spec))
+        run_job(Job.open(spec))
     assert not (tmp_path / "marker").exists()
 
 

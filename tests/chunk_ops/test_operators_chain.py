@@ -18,7 +18,7 @@ from chunk_ops.geometry import Box, ChunkPlan, Vec3
 from chunk_ops.job import Job
 from chunk_ops.operators.io import FAMILIES
 from chunk_ops.queues import open_queue
-from chunk_ops.stages import run_local
+from chunk_ops.pipeline import run_job
 from chunk_ops.task import Task
 from chunk_ops.volumes import FORMATS, create_volume, open_volume, volume_exists
 
@@ -63,7 +63,7 @@ JOBS = {
 def test_chain_equals_the_job_runner_and_a_rerun_skips_done_tasks(make_spec, tmp_path, case):
     spec = make_spec(**JOBS[case])  # job: chunks 16x16x4, patch 12x12x4, overlap 4x4x2, TinyConvNet
     job = Job.open(spec)
-    run_local(job)
+    run_job(job)
     expected = open_volume(job.spec.output_url).read(job.roi)
     job_file = write_job(spec, tmp_path)
     chained, done = f"file://{tmp_path}/chained", tmp_path / "done"

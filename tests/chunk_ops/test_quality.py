@@ -16,7 +16,7 @@ from chunk_ops.models.demo import write_demo_job
 from chunk_ops.sample import synthetic_em, write_sample
 from chunk_ops.segment import adapted_rand_error, components, intensity_baseline
 from chunk_ops.spec import DEFAULT_THRESHOLDS
-from chunk_ops.stages import run_local
+from chunk_ops.pipeline import run_job
 from chunk_ops.train import TRAIN_SEEDS
 from chunk_ops.volumes import open_volume, volume_exists
 
@@ -32,7 +32,7 @@ def test_held_out_adapted_rand_error_is_at_most_0_10_and_beats_the_baseline(tmp_
     spec = write_demo_job(tmp_path, image_url, f"file://{tmp_path}/affinities", truth_url)
     spec["chunk_size"] = [128, 128, 24]  # 8 chunks: seams inside the region
     job = Job.open(spec)
-    report = run_local(job)
+    report = run_job(job)
     seg = report.segmentation
     assert report.amplification == 1.0
     assert seg["method"] == "watershed" and volume_exists(seg["url"])

@@ -29,7 +29,8 @@ from chunk_ops.job import Job
 from chunk_ops.queues import LeaseLost
 from chunk_ops.queues.stages import StageQueues
 from chunk_ops.spec import SpecError, parse_spec
-from chunk_ops.stages import reference_pass, run_local
+from chunk_ops.pipeline import run_job
+from chunk_ops.stages import reference_pass
 from chunk_ops.pipeline import finish
 from chunk_ops.submit import enqueue_stage, job_status
 from chunk_ops.task import Task, TaskError
@@ -121,7 +122,7 @@ def test_a_worker_frozen_past_its_lease_writes_nothing_into_a_newer_job(make_spe
         spec["model"]["path"] = str(save_net(tmp_path, "TinyConvNet", dict(spec["model"]["kwargs"], seed=4)))
         new = Job.open(spec)
         assert new.id != old.id
-        run_local(new)
+        run_job(new)
         _assert_equals_reference(new)
 
         stale.send_signal(signal.SIGCONT)  # the frozen worker wakes up with the old job's merge in hand
@@ -276,7 +277,7 @@ def test_an_edited_network_is_a_new_job_and_never_a_stale_export(make_spec, tmp_
         return spec
 
     first = _prepared(spec_for("v1", "openvino"))
-    run_local(first)
+    run_job(first)
     v1 = _output(first)
 
     text = source.read_text()
@@ -291,7 +292,7 @@ def test_an_edited_network_is_a_new_job_and_never_a_stale_export(make_spec, tmp_
     assert Job.open(spec_for("v1", "openvino")).id != first.id  # same spec text, edited network: a new job
     second = Job.open(spec_for("v2", "openvino"))
     assert second.id == Job.open(spec_for("v2", "pytorch")).id  # the engine is not part of the job
-    run_local(second)
+    run_job(second)
     truth = reference_pass(Job.open(spec_for("v2-reference", "pytorch")))  # the edited network on PyTorch
     assert np.abs(_output(second) - truth).max() <= 1e-4
     assert np.abs(_output(second) - v1).max() > 0.05  # the edit shows: no stale ONNX export was reused
@@ -501,7 +502,7 @@ def test_max_receives_applies_to_new_queues_only(tmp_path, request, kind):
 
 def test_rebuilding_the_pyramid_adds_no_level_and_changes_no_byte(make_spec, tmp_path):
     job = _prepared(make_spec(chunk=(16, 16, 4)))
-    run_local(job)
+    run_job(job)
     url = job.spec.output_url
     build_pyramid(url, 2)
     first = _files(url)

@@ -13,7 +13,7 @@ from PIL import Image
 from chunk_ops.geometry import Box
 from chunk_ops.job import Job
 from chunk_ops.report import GAP, LINE, NEUROGLANCER, STATE_COLOURS, hosted_link, job_layers
-from chunk_ops.stages import run_local
+from chunk_ops.pipeline import run_job
 from chunk_ops.view import RGB_SHADER, Layer, browser_readable, local_viewer_url, neuroglancer_source, view_command
 
 
@@ -41,7 +41,7 @@ def test_view_command_quotes_urls():
 def test_report_of_a_local_job_gives_the_view_command_and_a_titled_picture_with_a_legend(make_spec):
     spec = make_spec()
     job = Job.open(spec)
-    summary = run_local(job)
+    summary = run_job(job)
     job_dir = Path(job.job_url.removeprefix("file://"))
     md, page = (job_dir / "report.md").read_text(), (job_dir / "report.html").read_text()
 

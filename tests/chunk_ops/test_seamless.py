@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from chunk_ops.job import Job
-from chunk_ops.stages import reference_pass, run_local, run_stage1, run_stage2
+from chunk_ops.pipeline import run_job
+from chunk_ops.stages import reference_pass, run_stage1, run_stage2
 from chunk_ops.volumes import open_volume
 
 CASES = {
@@ -39,7 +40,7 @@ def read_output(job: Job) -> np.ndarray:
 def test_chunked_run_equals_whole_volume_reference(make_spec, case):
     job = Job.open(make_spec(**CASES[case]))
     assert len(job.plan) > 1, "the case must span several chunks"
-    report = run_local(job)
+    report = run_job(job)
     expected = reference_pass(job)
     got = read_output(job)
     assert got.shape == expected.shape
@@ -49,7 +50,7 @@ def test_chunked_run_equals_whole_volume_reference(make_spec, case):
 
 def test_uint8_output_is_the_quantized_reference(make_spec):
     job = Job.open(make_spec(dtype="uint8"))
-    run_local(job)
+    run_job(job)
     expected = np.round(np.clip(reference_pass(job), 0, 1) * 255)
     got = read_output(job).astype(np.float64)
     # a value within float rounding of a .5 step may round either way
@@ -69,7 +70,7 @@ def test_random_order_and_repeated_chunks_change_no_byte(make_spec):
     spec = make_spec(chunk=(8, 8, 2), block=(4, 4, 2), output="in-order")
     spec["postprocess"] = {"pyramid_levels": 0}  # the layer alone, as the hand-run stages below write it
     in_order = Job.open(spec)
-    run_local(in_order)
+    run_job(in_order)
 
     shuffled = Job.open(make_spec(chunk=(8, 8, 2), block=(4, 4, 2), output="shuffled"))
     shuffled.prepare()
@@ -104,7 +105,7 @@ def test_every_patch_is_computed_exactly_once(make_spec):
     job = Job.open(make_spec(chunk=(8, 8, 2), block=(4, 4, 2), batch_size=1))
     counter = CountingEngine(job.predictor.engine)
     job.predictor.engine = counter
-    report = run_local(job)
+    report = run_job(job)
     distributed = counter.patches
 
     counter.patches = 0
@@ -126,7 +127,7 @@ def test_closed_form_networks_give_exact_volumes(make_spec, blend, scales, biase
     spec = make_spec(net="Affine", net_kwargs={"scales": list(scales), "biases": list(biases)},
                      out_channels=len(scales), blend=blend)
     job = Job.open(spec)
-    run_local(job)
+    run_job(job)
     x = open_volume(spec["input"]["url"], 0).read(job.roi).astype(np.float64) / 255.0
     expected = np.concatenate([s * x + b for s, b in zip(scales, biases)])
     assert np.abs(read_output(job) - expected).max() <= 1e-6
@@ -137,6 +138,6 @@ def test_closed_form_with_cropping_network(make_spec):
     spec = make_spec(net="Affine", net_kwargs={"scales": [2.0], "biases": [1.0], "crop": [1, 2, 3]},
                      input_patch=(14, 12, 6), output_patch=(8, 8, 4), overlap=(2, 4, 1))
     job = Job.open(spec)
-    run_local(job)
+    run_job(job)
     x = open_volume(spec["input"]["url"], 0).read(job.roi).astype(np.float64) / 255.0
     assert np.abs(read_output(job) - (2 * x + 1)).max() <= 1e-6

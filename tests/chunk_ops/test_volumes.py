@@ -17,7 +17,7 @@ from chunk_ops.geometry import Box, Vec3
 from chunk_ops.job import Job
 from chunk_ops.spec import SpecError, job_spec_schema, parse_spec
 from chunk_ops.pipeline import validate
-from chunk_ops.stages import run_local
+from chunk_ops.pipeline import run_job
 from chunk_ops.storage import StorageError
 from chunk_ops.volumes import (
     FORMATS, VolumeError, create_volume, layer_folder, open_volume, split_format, volume_exists,
@@ -328,7 +328,7 @@ def test_a_job_gives_the_same_output_in_any_format(make_spec, tmp_path, name):
     # TIFF blocks are whole sections of the 40 x 36 x 12 sample
     grid = dict(block=(40, 36, 2), chunk=(40, 36, 4)) if name in WHOLE_SECTION_BLOCKS else {}
     reference = Job.open(make_spec(output="reference", **grid))
-    run_local(reference)
+    run_job(reference)
     expected = open_volume(reference.spec.output_url).read(reference.roi)
 
     spec = make_spec(**grid)
@@ -337,7 +337,7 @@ def test_a_job_gives_the_same_output_in_any_format(make_spec, tmp_path, name):
     spec["input"]["url"] = input_url
     spec["output"]["url"] = LAYERS[name].format(tmp=tmp_path / "out")
     job = Job.open(spec)
-    run_local(job)
+    run_job(job)
     out = open_volume(spec["output"]["url"])
     assert out.bounds == reference.roi and out.block_size == reference.spec.block_size
     np.testing.assert_array_equal(out.read(job.roi), expected)
