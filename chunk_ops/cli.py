@@ -24,7 +24,6 @@ that cannot be written) is one line naming the value, exit status 1.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -168,6 +168,14 @@ def per_task(name: str, fn: Callable[[ChainTask], ChainTask | None]) -> Operator
     return run
 
 
+def map_chunk(name: str, input_name: str, output_name: str, fn: Callable[[Chunk], Chunk]) -> Operator:
+    """An Operator that makes chunk ``output_name`` of each task from its chunk ``input_name``."""
+    def run(task: ChainTask) -> ChainTask:
+        task.chunks[output_name] = fn(task.chunk(input_name))
+        return task
+    return per_task(name, run)
+
+
 def source(name: str, make: Callable[[], Iterable[ChainTask]]) -> Operator:
     """An Operator that passes upstream tasks on, then adds its own (task sources)."""
     def run(stream: Iterator[ChainTask]) -> Iterator[ChainTask]:

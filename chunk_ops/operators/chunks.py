@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import numpy as np
 
-from .base import ChainTask, Operator, input_chunk_option, operator, output_chunk_option, per_task
+from .base import ChainTask, Operator, input_chunk_option, map_chunk, operator, output_chunk_option, per_task
 
 
 def multiply(array: np.ndarray, multiplier: np.ndarray) -> np.ndarray:
@@ -20,11 +20,7 @@ def multiply(array: np.ndarray, multiplier: np.ndarray) -> np.ndarray:
 @output_chunk_option
 def copy_chunk_command(input_name: str, output_name: str) -> Operator:
     """Copy a chunk under another name (chunkflow's copy-var), e.g. to keep the image before a mask."""
-    def run(task: ChainTask) -> ChainTask:
-        chunk = task.chunk(input_name)
-        task.chunks[output_name] = chunk.replace(chunk.array.copy())
-        return task
-    return per_task("copy-chunk", run)
+    return map_chunk("copy-chunk", input_name, output_name, lambda chunk: chunk.replace(chunk.array.copy()))
 
 
 @operator("delete-chunk")

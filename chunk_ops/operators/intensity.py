@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 import numpy as np
 
-from .base import ChainTask, Operator, input_chunk_option, operator, output_chunk_option, per_task
+from .base import Operator, input_chunk_option, map_chunk, operator, output_chunk_option
 
 DTYPES = ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "float32", "float64")
 AFFINITY_CHANNELS = "xyz"  # the order of affinity channels (chunk_ops.segment)
@@ -126,12 +126,8 @@ def normalize_intensity_command(input_name: str, output_name: str, in_min: float
     in_range = _pair(in_min, in_max, "--min", "--max")
     out_range = _pair(out_min, out_max, "--out-min", "--out-max")
 
-    def run(task: ChainTask) -> ChainTask:
-        chunk = task.chunk(input_name)
-        task.chunks[output_name] = chunk.replace(normalize_intensity(chunk.array, in_range, out_range, dtype),
-                                                 layer_type="image")
-        return task
-    return per_task("normalize-intensity", run)
+    return map_chunk("normalize-intensity", input_name, output_name, lambda chunk: chunk.replace(
+        normalize_intensity(chunk.array, in_range, out_range, dtype), layer_type="image"))
 
 
 def _pair(low: float | None, high: float | None, low_name: str, high_name: str) -> tuple[float, float] | None:
@@ -158,12 +154,8 @@ def normalize_contrast_command(input_name: str, output_name: str, lower_percenti
     """
     check_percentiles(lower_percentile, upper_percentile)
 
-    def run(task: ChainTask) -> ChainTask:
-        chunk = task.chunk(input_name)
-        task.chunks[output_name] = chunk.replace(
-            normalize_contrast(chunk.array, lower_percentile, upper_percentile))
-        return task
-    return per_task("normalize-contrast", run)
+    return map_chunk("normalize-contrast", input_name, output_name, lambda chunk: chunk.replace(
+        normalize_contrast(chunk.array, lower_percentile, upper_percentile)))
 
 
 @operator("quantize")
@@ -173,8 +165,5 @@ def normalize_contrast_command(input_name: str, output_name: str, lower_percenti
               help="all: every channel; x, y, z, xy, xyz: the mean of those affinity channels")
 def quantize_command(input_name: str, output_name: str, mode: str) -> Operator:
     """Turn a float chunk in [0, 1] into uint8 (round(clip(x) * 255)), e.g. affinities for viewing."""
-    def run(task: ChainTask) -> ChainTask:
-        chunk = task.chunk(input_name)
-        task.chunks[output_name] = chunk.replace(quantize(chunk.array, mode), layer_type="image")
-        return task
-    return per_task("quantize", run)
+    return map_chunk("quantize", input_name, output_name,
+                     lambda chunk: chunk.replace(quantize(chunk.array, mode), layer_type="image"))

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import segment
 from ..spec import DEFAULT_THRESHOLDS
-from .base import ChainTask, Operator, input_chunk_option, operator, output_chunk_option, per_task
+from .base import ChainTask, Operator, input_chunk_option, map_chunk, operator, output_chunk_option, per_task
 
 LABEL_DTYPES = ("uint8", "uint16", "uint32", "uint64")
 CONNECTIVITIES = ("6", "18", "26")
@@ -90,11 +90,8 @@ def channel_voting(array: np.ndarray) -> np.ndarray:
               help="output dtype")
 def threshold_command(input_name: str, output_name: str, value: float, dtype: str) -> Operator:
     """Binarize a chunk (e.g. a probability map): 1 where above --threshold, else 0, per channel."""
-    def run(task: ChainTask) -> ChainTask:
-        chunk = task.chunk(input_name)
-        task.chunks[output_name] = chunk.replace(threshold(chunk.array, value, dtype), layer_type="segmentation")
-        return task
-    return per_task("threshold", run)
+    return map_chunk("threshold", input_name, output_name,
+                     lambda chunk: chunk.replace(threshold(chunk.array, value, dtype), layer_type="segmentation"))
 
 
 @operator("connected-components")
@@ -109,12 +106,8 @@ def threshold_command(input_name: str, output_name: str, value: float, dtype: st
 def connected_components_command(input_name: str, output_name: str, connectivity: str, value: float | None,
                                  dtype: str) -> Operator:
     """Label the connected components of a binary (or thresholded) one-channel chunk with cc3d."""
-    def run(task: ChainTask) -> ChainTask:
-        chunk = task.chunk(input_name)
-        labels = connected_components(chunk.array, int(connectivity), value, dtype)
-        task.chunks[output_name] = chunk.replace(labels, layer_type="segmentation")
-        return task
-    return per_task("connected-components", run)
+    return map_chunk("connected-components", input_name, output_name, lambda chunk: chunk.replace(
+        connected_components(chunk.array, int(connectivity), value, dtype), layer_type="segmentation"))
 
 
 @operator("agglomerate")
@@ -160,8 +153,5 @@ def agglomerate_command(input_name: str, output_name: str, value: float, aff_thr
 @output_chunk_option
 def channel_voting_command(input_name: str, output_name: str) -> Operator:
     """Label each voxel with the number (from 1) of its largest channel: uint8, as chunkflow's channel-voting."""
-    def run(task: ChainTask) -> ChainTask:
-        chunk = task.chunk(input_name)
-        task.chunks[output_name] = chunk.replace(channel_voting(chunk.array), layer_type="segmentation")
-        return task
-    return per_task("channel-voting", run)
+    return map_chunk("channel-voting", input_name, output_name,
+                     lambda chunk: chunk.replace(channel_voting(chunk.array), layer_type="segmentation"))
