@@ -140,6 +140,7 @@ def validate(job: dict, as_json: bool) -> None:
     """Check JOB without writing anything: volumes, model (one forward pass), access to the
     output, scratch and queue; print the plan with its bytes and time at this machine's rate."""
     from . import pipeline
+    from .progress import duration_text
 
     opened = pipeline.validate(job)
     plan = pipeline.estimate(opened)
@@ -148,7 +149,7 @@ def validate(job: dict, as_json: bool) -> None:
         f"valid: job {opened.id}, {plan.chunks} chunks ({plan.chunks_done} done), {plan.patches} patches\n"
         f"output {opened.spec.output_url}: {_bytes(plan.output_bytes)} uncompressed (pyramid and segmentation included)\n"
         f"scratch: up to {_bytes(plan.scratch_bytes)} of partial sums between the stages\n"
-        f"time: {plan.hours_here:.3f} h for one worker like this machine "
+        f"time: {duration_text(plan.hours_here * 3600)} for one worker like this machine "
         f"({plan.patches_per_s} patches/s, engine {result['engine_here']})"
     ))
 
@@ -255,7 +256,7 @@ def worker(queue_url: str, visibility_timeout: float, idle_exit: float, create_q
 
     from .worker import Worker, WorkerConfig
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # events carry their time
     try:
         served = tuple(sorted({int(x) for x in stages.split(",") if x.strip()}))
     except ValueError:

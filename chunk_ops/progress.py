@@ -20,7 +20,7 @@ def timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
@@ -71,7 +71,7 @@ class Progress:
         if rate > 0:
             text += f", {rate:.2f} {self.unit}/s"
             if self.done < self.total:
-                text += f", ETA {_duration((self.total - self.done) / rate)}"
+                text += f", ETA {duration_text((self.total - self.done) / rate)}"
         print(text, file=self.stream, flush=True)
 
     def close(self) -> None:

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 from .job import Job
+from .progress import timestamp
 from .queues import Lease, LeaseLost, TaskQueue
 from .queues.stages import STAGES, StageQueues
 from .stages import marker_record, run_stage1, run_stage2
@@ -75,7 +76,8 @@ class WorkerSummary:
 
 
 def _event(event: str, **fields) -> None:
-    log.info(json.dumps({"event": event, "worker": WORKER_NAME, **fields}, default=str))
+    """One JSON line per event on stderr, timestamped (UTC), for people and log tools alike."""
+    log.info(json.dumps({"event": event, "time": timestamp(), "worker": WORKER_NAME, **fields}, default=str))
 
 
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"

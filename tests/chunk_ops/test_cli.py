@@ -83,6 +83,8 @@ def test_submit_workers_and_status_over_sqs(make_spec, tmp_path, moto_sqs):
         worked = _chunk_ops("worker", "--queue", queue, "--idle-exit", "2", cwd=tmp_path)
         assert worked.returncode == 0, worked.stderr
         assert worked.stderr.count('"event": "done"') == 27
+        events = [json.loads(line) for line in worked.stderr.splitlines() if line.startswith("{")]
+        assert all(e["time"].endswith("Z") and e["time"][:4].isdigit() for e in events)  # timestamped, UTC
 
     status = _chunk_ops("status", str(job_file), "--queue", queue, "--json", cwd=tmp_path)
     assert status.returncode == 0, status.stderr
