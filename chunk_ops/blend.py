@@ -1,28 +1,36 @@
 """Blend windows and the global patch grid.
 
-Windows are separable: ``w(x, y, z) = wx(x) * wy(y) * wz(z)``, each 1D window
-scaled to a maximum of 1 and clamped below at ``WINDOW_FLOOR`` so that no voxel
-of a patch has zero weight.  For a patch of n voxels along an axis, i in [0, n):
+A window weights the voxels of one output patch.  For a patch of n voxels along
+an axis, i in [0, n), each window is built from one 1D factor per axis:
 
-- ``bump`` (chunkflow's): ``u = 2 (i + 1) / (n + 1) - 1``, ``w = exp(-1 / (1 - u^2))``.
-  chunkflow also rescales the 3D bump into [1, 1e6] and normalizes it by 27
-  shifted copies; we divide by the exact weight sum instead, which equals that
-  normalization inside the volume and is also right at its faces.
-- ``gaussian`` (MONAI's): ``w = exp(-(i - (n - 1) / 2)^2 / (2 sigma^2))``,
-  ``sigma = 0.125 n``.
+- ``bump`` (chunkflow's): ``u = 2 (i + 1) / (n + 1) - 1``, ``f = exp(-1 / (1 - u^2))``,
+  scaled to a maximum of 1 and clamped below at ``WINDOW_FLOOR``;
+  ``w(x, y, z) = fx(x) fy(y) fz(z)``.  chunkflow also rescales the 3D bump into
+  [1, 1e6] and normalizes it by 27 shifted copies; we divide by the exact weight
+  sum instead, which equals that normalization inside the volume and is also
+  right at its faces.
+- ``gaussian`` (MONAI 1.6.1's ``compute_importance_map(patch, "gaussian",
+  sigma_scale=0.125)``): ``f = exp(-(i - (n - 1) / 2)^2 / (2 sigma^2))`` with
+  ``sigma = 0.125 n``, not rescaled (its peak is below 1 when n is even), and
+  the 3D product is clamped below: ``w = max(fx(x) fy(y) fz(z), WINDOW_FLOOR)``.
 - ``constant``: ``w = 1`` (a plain average of overlapping patches).
+
+So no voxel of a patch has zero weight.
 
 The patch grid is global: output patch origins sit at ``roi.start + k * stride``
 on each axis, and the last patch is moved back to end at the ROI's face (as in
-MONAI), so the grid is the Cartesian product of three 1D origin lists.  Because
-the window is separable and the grid is a product, the weight sum is separable
-too, ``W(x, y, z) = Wx(x) Wy(y) Wz(z)``: stage 2 computes it from the grid in
-O(chunk edge) instead of storing a weight channel per voxel.
+MONAI), so the grid is the Cartesian product of three 1D origin lists.  Stage 2
+divides by the weight sum ``W(v) = sum over origins o of w(v - o)``.  For
+``bump`` and ``constant`` the window is separable and the grid a product, so
+``W(x, y, z) = Wx(x) Wy(y) Wz(z)`` costs O(chunk edge).  The 3D clamp makes
+``gaussian`` inseparable, so its W adds the 3D window of every patch that
+reaches the box, in the order the reference pass does.
 """
 
 from __future__ import annotations
 
 import difflib
+import itertools
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -51,24 +59,34 @@ class BlendMode(StrEnum):
 
 
 def window_1d(mode: BlendMode | str, n: int) -> np.ndarray:
-    """The 1D window of length ``n`` (float64, maximum 1, minimum WINDOW_FLOOR)."""
+    """The 1D factor of a window along an axis of ``n`` voxels (float64).
+
+    ``bump`` and ``constant`` factors peak at 1 and are clamped at WINDOW_FLOOR;
+    the ``gaussian`` factor is MONAI's raw exponential, clamped only in 3D.
+    """
     mode = BlendMode.parse(mode)
     i = np.arange(n, dtype=np.float64)
     if mode is BlendMode.CONSTANT:
-        w = np.ones(n)
-    elif mode is BlendMode.BUMP:
-        u = 2.0 * (i + 1) / (n + 1) - 1.0
-        w = np.exp(-1.0 / (1.0 - u * u))
-    else:
+        return np.ones(n)
+    if mode is BlendMode.GAUSSIAN:
         sigma = 0.125 * n
-        w = np.exp(-((i - (n - 1) / 2.0) ** 2) / (2.0 * sigma * sigma))
+        return np.exp(-((i - (n - 1) / 2.0) ** 2) / (2.0 * sigma * sigma))
+    u = 2.0 * (i + 1) / (n + 1) - 1.0
+    w = np.exp(-1.0 / (1.0 - u * u))
     return np.maximum(w / w.max(), WINDOW_FLOOR)
 
 
+def _outer(wx: np.ndarray, wy: np.ndarray, wz: np.ndarray) -> np.ndarray:
+    return wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
+
+
 def window_3d(mode: BlendMode | str, patch: Vec3) -> np.ndarray:
-    """The separable window of an output patch, as a (z, y, x) float32 array."""
-    wx, wy, wz = (window_1d(mode, n) for n in patch)
-    return (wz[:, None, None] * wy[None, :, None] * wx[None, None, :]).astype(np.float32)
+    """The window of an output patch, as a (z, y, x) float32 array."""
+    mode = BlendMode.parse(mode)
+    w = _outer(*(window_1d(mode, n) for n in patch))
+    if mode is BlendMode.GAUSSIAN:
+        w = np.maximum(w, WINDOW_FLOOR)  # MONAI clamps the product, not each factor
+    return w.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -117,14 +135,24 @@ class PatchGrid:
 
     def weight_sum(self, box: Box, mode: BlendMode | str) -> np.ndarray:
         """Sum of all patches' windows over ``box``, as a (z, y, x) float64 array."""
+        mode = BlendMode.parse(mode)
+        # the patches that reach the box start less than one patch below it
+        reach = [self.axis_origins(a, box.start[a] - self.patch[a] + 1, box.stop[a]) for a in range(3)]
+        if mode is BlendMode.GAUSSIAN:
+            window = window_3d(mode, self.patch).astype(np.float64)
+            acc = np.zeros(box.shape.zyx())
+            for z, y, x in itertools.product(reach[2], reach[1], reach[0]):
+                patch = Box.from_shape(Vec3(int(x), int(y), int(z)), self.patch)
+                common = patch.intersection(box)
+                acc[common.to_zyx_slices(box)] += window[common.to_zyx_slices(patch)]
+            return acc
         per_axis = []
         for a in range(3):
             lo, hi, p = box.start[a], box.stop[a], self.patch[a]
             w1 = window_1d(mode, p)
-            acc = np.zeros(hi - lo)
-            for o in self.axis_origins(a, lo - p + 1, hi):
+            acc1 = np.zeros(hi - lo)
+            for o in reach[a]:
                 s, e = max(o, lo), min(o + p, hi)
-                acc[s - lo:e - lo] += w1[s - o:e - o]
-            per_axis.append(acc)
-        wx, wy, wz = per_axis
-        return wz[:, None, None] * wy[None, :, None] * wx[None, None, :]
+                acc1[s - lo:e - lo] += w1[s - o:e - o]
+            per_axis.append(acc1)
+        return _outer(*per_axis)
