@@ -248,9 +248,12 @@ def _open_worker_queues(url: str, create: bool):
 @click.option("--spec-prefix", "spec_prefixes", multiple=True, envvar="CHUNK_OPS_SPEC_PREFIXES",
               help="only open job specs under this URL prefix (repeat; env CHUNK_OPS_SPEC_PREFIXES, "
                    "space-separated); none: any spec a message names")
+@click.option("--threads", type=click.IntRange(min=1), envvar="CHUNK_OPS_THREADS", default=None,
+              help="CPU threads for the network (env CHUNK_OPS_THREADS; the local pool and pods set it from "
+                   "their share of cores); default: every core of this machine")
 def worker(queue_url: str, visibility_timeout: float, idle_exit: float, create_queue: bool, grace: float,
            max_tasks: int | None, pool: str, tasks_in_flight: int, stages: str, task_deadline: float,
-           spec_prefixes: tuple[str, ...]) -> None:
+           spec_prefixes: tuple[str, ...], threads: int | None) -> None:
     """Lease tasks from the queue and do them until it stays empty."""
     import logging
 
@@ -263,7 +266,8 @@ def worker(queue_url: str, visibility_timeout: float, idle_exit: float, create_q
         raise click.BadParameter(f"{stages!r} is not a comma-separated list of stages (1, 2)") from None
     w = Worker(WorkerConfig(queue_url, visibility_timeout_s=visibility_timeout, idle_exit_s=idle_exit,
                             grace_s=grace, max_tasks=max_tasks, pool=pool, tasks_in_flight=tasks_in_flight,
-                            stages=served, task_deadline_s=task_deadline, spec_prefixes=spec_prefixes),
+                            stages=served, task_deadline_s=task_deadline, spec_prefixes=spec_prefixes,
+                            threads=threads),
                _open_worker_queues(queue_url, create_queue))
     w.install_signal_handlers()
     w.run()

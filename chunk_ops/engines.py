@@ -9,6 +9,7 @@ numerator of compute amplification).
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -27,6 +28,7 @@ class Engine(Protocol):
     which starts a batch and returns a function that waits for its output."""
 
     name: str
+    threads: int  # the CPU threads it computes on, as its runtime reports them
 
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
 
@@ -49,6 +51,40 @@ def cpu_has_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+# --- thread budgets ---------------------------------------------------------------------------------
+# Workers sharing a machine each get a share of its cores: N processes that each take every
+# core thrash.  Whoever starts workers knows how many share the machine (the local pool, the
+# DAG's local workers; a pod its CPU request) and sets CHUNK_OPS_THREADS (or `worker --threads`);
+# every engine is built with worker_threads().
+
+THREADS_ENV = "CHUNK_OPS_THREADS"
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's cpuset, taskset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def threads_for(cpus: float) -> int:
+    """A worker's thread budget from its share of cores (cores / workers, or a pod's CPU
+    request): the whole cores in it, at least one."""
+    if not cpus > 0:
+        raise ValueError(f"a worker's share of cores must be positive, got {cpus!r}")
+    return max(1, int(cpus))
+
+
+def worker_threads() -> int:
+    """This worker's thread budget: ``CHUNK_OPS_THREADS``, else every core here (a lone worker)."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return machine_cores()
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{THREADS_ENV}={value!r} is not a positive whole number of threads")
+    return int(value)
+
+
 class _PinnedSlot:
     """Page-locked host buffers for one batch in flight, and the event that frees them."""
 
@@ -65,17 +101,25 @@ class _PinnedSlot:
         return self._buffers[key]
 
 
+def _inputs_to_float32(module, args: tuple) -> tuple:
+    """A forward pre-hook: the module computes in float32 (autocast leaves float32 ops alone)."""
+    return tuple(a.float() for a in args)
+
+
 class TorchEngine:
     """PyTorch on CPU or CUDA; fp16/bf16 through autocast, outputs back in float32.
 
     On CUDA, batches go through page-locked (pinned) host buffers with
     asynchronous copies, two batches in flight: while the GPU computes one, the
     caller prepares the next and blends the previous (see ``submit``).
+    ``threads``: the worker's CPU thread budget (``torch.set_num_threads``: process-wide).
     """
 
-    def __init__(self, module, *, device: str = "auto", precision: str = "float32"):
+    def __init__(self, module, *, threads: int, device: str = "auto", precision: str = "float32"):
         import torch
 
+        torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
@@ -90,6 +134,12 @@ class TorchEngine:
             raise ModelError("inference.precision 'bfloat16' with engine 'pytorch' on this CPU (no bf16 units) is "
                              "emulated, about 100x slower than float32; use engine 'openvino' or 'auto' (it "
                              "runs float32 here) or precision 'float32'")
+        if self.autocast_dtype is not None:
+            # autocast leaves sigmoid/softmax outputs in bf16/fp16, whose steps near 1 (0.004 in bf16)
+            # swallow the watershed's seed threshold 0.9999 and merge cells (docs/precision.md)
+            for m in self.module.modules():
+                if isinstance(m, (torch.nn.Sigmoid, torch.nn.Softmax)):
+                    m.register_forward_pre_hook(_inputs_to_float32)
         self.name = f"torch-{self.device.type}-{precision}"
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one patch shape: let cuDNN pick its fastest kernels
@@ -154,11 +204,17 @@ def fixed_input_shape_error(shape: list, batch_size: int, in_channels: int, patc
 
 
 class OnnxRuntimeEngine:
-    """ONNX Runtime on CPU, float32."""
+    """ONNX Runtime on CPU, float32, on ``threads`` threads (``intra_op_num_threads``)."""
 
-    def __init__(self, session):
-        self.session = session
-        self.input_name = session.get_inputs()[0].name
+    def __init__(self, onnx: bytes, *, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+        self.threads = self.session.get_session_options().intra_op_num_threads
+        self.input_name = self.session.get_inputs()[0].name
         self.name = "onnxruntime-cpu-float32"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -171,10 +227,11 @@ class OpenVinoEngine:
 
     A partial last batch is padded with zeros.  ``bfloat16`` is asked for with
     ``INFERENCE_PRECISION_HINT`` (OpenVINO's default differs between CPUs, so it is
-    always set); a CPU without bf16 units runs float32, and the name says so.
+    always set); a CPU without bf16 units runs float32, and the name says so.  It runs on
+    ``threads`` threads (``INFERENCE_NUM_THREADS``; OpenVINO ignores torch's and OpenMP's settings).
     """
 
-    def __init__(self, model, *, batch_size: int, precision: str = "float32"):
+    def __init__(self, model, *, threads: int, batch_size: int, precision: str = "float32"):
         import openvino as ov
 
         hint = {"float32": "f32", "bfloat16": "bf16"}.get(precision)
@@ -184,7 +241,9 @@ class OpenVinoEngine:
         self.batch_size = batch_size
         # LATENCY: one request uses every core; with our one synchronous caller it ran 2x THROUGHPUT here
         compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
-                                                          "PERFORMANCE_HINT": "LATENCY"})
+                                                          "PERFORMANCE_HINT": "LATENCY",
+                                                          "INFERENCE_NUM_THREADS": threads})
+        self.threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))
         self.request = compiled.create_infer_request()
         self.input_shape = tuple(compiled.inputs[0].get_shape())
         ran_type = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import storage
 from .downsample import build_pyramid
+from .engines import THREADS_ENV, machine_cores, threads_for
 from .job import Job
 from .progress import Progress, event
 from .queues.stages import StageQueues
@@ -139,8 +140,8 @@ def run_stage_with_pool(job: Job, queues: StageQueues, stage: int, workers: int,
     if not sent:
         return 0
     # share the cores: N processes each with every core's worth of threads thrash
-    threads = str(max(1, (os.cpu_count() or 1) // workers))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    threads = str(threads_for(machine_cores() / workers))
+    env = {**os.environ, THREADS_ENV: threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     command = worker_command(queues.url, idle_exit_s=idle_exit_s, visibility_timeout_s=visibility_timeout_s,
                              extra=("--spec-prefix", job.job_url + "/"))
     pool = [subprocess.Popen(command, env=env) for _ in range(workers)]

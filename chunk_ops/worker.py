@@ -36,6 +36,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .engines import THREADS_ENV, worker_threads
 from .job import Job
 from .progress import timestamp
 from .queues import Lease, LeaseLost, TaskQueue
@@ -61,6 +62,7 @@ class WorkerConfig:
     stages: tuple[int, ...] = STAGES  # the stages this worker serves; GPU workers: (1,)
     task_deadline_s: float = 7200.0  # a task still running after this is given up (a hung read)
     spec_prefixes: tuple[str, ...] = ()  # the only places specs may come from; () allows any
+    threads: int | None = None  # the engines' CPU thread budget; None: CHUNK_OPS_THREADS, else every core
     # which pool this worker belongs to (local, gpu, cpu...), recorded with each task for the report
     pool: str = field(default_factory=lambda: os.environ.get("CHUNK_OPS_POOL", "default"))
 
@@ -159,6 +161,8 @@ class Worker:
         bad = [s for s in config.stages if s not in STAGES]
         if bad or not config.stages:
             raise ValueError(f"worker stages {list(config.stages)} must be a non-empty subset of {list(STAGES)}")
+        if config.threads is not None and config.threads < 1:
+            raise ValueError(f"worker threads {config.threads} must be at least 1")
         self.config = config
         self.queues = queues or StageQueues(config.queue_url)
         self.jobs: dict[str, Job] = {}
@@ -184,8 +188,10 @@ class Worker:
             import torch
 
             in_flight = 2 if torch.cuda.is_available() else 1
+        if cfg.threads is not None:  # the engines this worker loads read their budget there (models.loading)
+            os.environ[THREADS_ENV] = str(cfg.threads)
         _event("start", queue=cfg.queue_url, stages=list(cfg.stages), tasks_in_flight=in_flight,
-               spec_prefixes=list(cfg.spec_prefixes) or "any")
+               spec_prefixes=list(cfg.spec_prefixes) or "any", threads=worker_threads())
         others = [threading.Thread(target=self._loop, daemon=True, name=f"task-{i}")
                   for i in range(1, in_flight)]
         for t in others:

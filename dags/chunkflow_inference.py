@@ -30,13 +30,7 @@ from airflow.sdk import DAG, task
 from chunkflow_airflow.operators.chunk_queue import EnqueueChunksOperator
 from chunkflow_airflow.sensors.chunk_queue import StageDoneSensor
 from chunkflow_airflow.utils.params import job_params
-from kubernetes.client import models as k8s
-
-WORKER_RESOURCES = {
-    "gpu": k8s.V1ResourceRequirements(requests={"cpu": "4", "memory": "16Gi"},
-                                      limits={"memory": "16Gi", "nvidia.com/gpu": "1"}),
-    "cpu": k8s.V1ResourceRequirements(requests={"cpu": "2", "memory": "8Gi"}, limits={"memory": "8Gi"}),
-}
+from chunkflow_airflow.utils.pods import WORKER_RESOURCES
 
 with DAG(
     dag_id="chunkflow_inference",
@@ -95,19 +89,16 @@ with DAG(
     @task(retries=2, retry_delay=timedelta(seconds=10))
     def local_worker(index: int, info: dict) -> dict:
         """A chunk_ops worker on this Airflow worker; exits when the queue stays empty."""
-        import os
-
-        import torch
-
+        from chunk_ops.engines import machine_cores, threads_for
         from chunk_ops.worker import Worker, WorkerConfig
         from chunkflow_airflow.hooks.chunk_queue import ChunkQueueHook
 
-        # the local pool's workers share this machine's cores instead of each taking all
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, info["workers"]["local"])))
         queues = ChunkQueueHook(info["queue_url"], info["aws_conn_id"]).get_queues()
         config = WorkerConfig(info["queue_url"], idle_exit_s=float(info["workers"]["idle_exit_s"]),
                               visibility_timeout_s=float(info["workers"]["lease_s"]), pool="local",
-                              spec_prefixes=(info["spec_url"].rsplit("/", 1)[0] + "/",))
+                              spec_prefixes=(info["spec_url"].rsplit("/", 1)[0] + "/",),
+                              # the local pool's workers share this machine's cores instead of each taking all
+                              threads=threads_for(machine_cores() / max(1, info["workers"]["local"])))
         summary = Worker(config, queues).run()
         return {"index": index, "done": summary.done, "skipped": summary.skipped, "failed": summary.failed}
 

@@ -8,10 +8,11 @@ Formats:
 - ``onnx``: an ONNX graph.
 
 Engines (``inference.engine``): ``pytorch`` (CPU or CUDA), ``openvino`` and
-``onnxruntime`` (CPU; PyTorch models are exported to ONNX for them, see
-:mod:`.export`).  ``auto`` picks the fastest available: PyTorch on a CUDA
-device, else OpenVINO (on this project's CPUs 2-3x PyTorch eager at float32),
-else PyTorch, or ONNX Runtime for ONNX models.  The choice is logged.
+``onnxruntime`` (CPU; PyTorch and TorchScript models are converted for them and
+cached, see :mod:`.export`).  ``auto`` picks the fastest available: PyTorch on a
+CUDA device, else OpenVINO (on this project's CPUs 2-3x PyTorch eager at float32),
+else PyTorch, or ONNX Runtime for ONNX models; a model its CPU engine cannot take
+runs on PyTorch, with one warning per machine saying why.  The choice is logged.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import io
 import logging
 from urllib.parse import urlparse
 
-from ..engines import ModelError, OnnxRuntimeEngine, OpenVinoEngine, Predictor, TorchEngine, fixed_input_shape_error
+from ..engines import (ModelError, OnnxRuntimeEngine, OpenVinoEngine, Predictor, TorchEngine, fixed_input_shape_error,
+                       worker_threads)
 from ..spec import JobSpec, ModelSpec
 from .registry import definition_sha256 as source_sha256
 from .registry import load_definition
@@ -81,38 +83,36 @@ def torch_module(model: ModelSpec, data: bytes, definition_sha256: str | None = 
     return module
 
 
-def _onnxruntime_engine(spec: JobSpec, onnx: bytes) -> OnnxRuntimeEngine:
-    import onnxruntime as ort
-
+def _onnxruntime_engine(spec: JobSpec, onnx: bytes, threads: int) -> OnnxRuntimeEngine:
     if spec.precision != "float32":
         raise ModelError(f"inference.precision {spec.precision!r} is not available with engine onnxruntime; "
                          f"use 'float32', or engine 'openvino' or 'pytorch'")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+        engine = OnnxRuntimeEngine(onnx, threads=threads)
     except Exception as e:
         raise ModelError(f"model file {spec.model.path!r} is not a readable ONNX model: {e}") from None
-    shape = [d if isinstance(d, int) else None for d in session.get_inputs()[0].shape]
+    shape = [d if isinstance(d, int) else None for d in engine.session.get_inputs()[0].shape]
     _check_fixed_shape(spec, shape)
-    return OnnxRuntimeEngine(session)
+    return engine
 
 
-def _openvino_engine(spec: JobSpec, onnx: bytes) -> OpenVinoEngine:
+def _openvino_engine(spec: JobSpec, model, threads: int) -> OpenVinoEngine:
+    """``model``: ONNX bytes, or an ``openvino.Model`` converted from TorchScript."""
     import openvino as ov
 
-    try:
-        model = ov.Core().read_model(onnx, b"")
-    except Exception as e:
-        raise ModelError(f"model file {spec.model.path!r} is not a readable ONNX model: {e}") from None
+    if isinstance(model, bytes):
+        try:
+            model = ov.Core().read_model(model, b"")
+        except Exception as e:
+            raise ModelError(f"model file {spec.model.path!r} is not a readable ONNX model: {e}") from None
     shape = [d.get_length() if d.is_static else None for d in model.inputs[0].get_partial_shape()]
     _check_fixed_shape(spec, [None, *shape[1:]])  # the batch is reshaped below
     try:
         model.reshape([spec.batch_size, spec.model.in_channels, *spec.model.input_patch.zyx()])
     except Exception as e:
-        raise ModelError(f"the ONNX model cannot take model.input_patch (x,y,z) "
+        raise ModelError(f"the model cannot take model.input_patch (x,y,z) "
                          f"{spec.model.input_patch.to_list()}: {e}") from None
-    return OpenVinoEngine(model, batch_size=spec.batch_size, precision=spec.precision)
+    return OpenVinoEngine(model, threads=threads, batch_size=spec.batch_size, precision=spec.precision)
 
 
 def _check_fixed_shape(spec: JobSpec, shape: list) -> None:
@@ -153,39 +153,43 @@ def load_predictor(spec: JobSpec, data: bytes | None = None, definition_sha256: 
     """Load the spec's model into its engine, check it on one batch, and return its predictor.
 
     ``definition_sha256``: the job's hash of the network's source (format pytorch); the
-    source must still match it, and it keys the ONNX cache with the weights.
+    source must still match it, and it keys the conversion cache with the weights.  The
+    engine runs on this worker's thread budget (:func:`~chunk_ops.engines.worker_threads`).
     """
     model = spec.model
     data = read_model_bytes(model.path) if data is None else data
     if model.format == "pytorch" and definition_sha256 is None:
         definition_sha256 = source_sha256(model.definition or "")
     engine_name = choose_engine(spec)
-    onnx = data if model.format == "onnx" else None
-    if engine_name != "pytorch" and onnx is None:
-        from .export import cached_onnx
+    threads = worker_threads()
+    module = None if model.format == "onnx" else torch_module(model, data, definition_sha256)
+    readable = data  # what a CPU engine reads: ONNX bytes, or an OpenVINO model
+    if engine_name != "pytorch" and module is not None:
+        from .export import ConversionError, converted
 
-        key = {"format": model.format, "definition": model.definition, "kwargs": model.kwargs,
-               "definition_sha256": definition_sha256}
+        ident = {"model": model_sha256(data), "format": model.format, "definition": model.definition,
+                 "kwargs": model.kwargs, "definition_sha256": definition_sha256}
         try:
-            onnx = cached_onnx(torch_module(model, data, definition_sha256), model_sha256(data), key, model.in_channels,
-                               model.input_patch.zyx())
-        except ModelError:
-            raise
-        except Exception as e:
-            why = f"cannot export the model to ONNX for engine {engine_name!r}: {type(e).__name__}: {e}"
+            readable = converted(engine_name, module, ident, model.in_channels, model.input_patch.zyx())
+        except ConversionError as e:
+            why = f"cannot convert the model for engine {engine_name!r}: {e}"
             if spec.engine != "auto":
                 raise ModelError(f"{why} (inference.engine 'pytorch' runs it as it is)") from None
-            log.warning("%s; running it on PyTorch", why)  # auto: the engine that runs any module
+            # auto: PyTorch runs any module. The worker that found the failure warns; the
+            # others on this machine read it from the conversion cache and only note it
+            log.log(logging.INFO if e.remembered else logging.WARNING, "%s; running it on PyTorch", why)
             engine_name = "pytorch"
     if engine_name == "pytorch":
-        engine = TorchEngine(torch_module(model, data, definition_sha256), device=spec.device, precision=spec.precision)
+        engine = TorchEngine(module, threads=threads, device=spec.device, precision=spec.precision)
+    elif engine_name == "openvino":
+        engine = _openvino_engine(spec, readable, threads)
     else:
-        build = _openvino_engine if engine_name == "openvino" else _onnxruntime_engine
-        engine = build(spec, onnx)
+        engine = _onnxruntime_engine(spec, readable, threads)
     predictor = Predictor(
         engine=engine, input_patch=model.input_patch, output_patch=model.output_patch,
         in_channels=model.in_channels, out_channels=model.out_channels, batch_size=spec.batch_size,
     )
     predictor.check()
-    log.info("engine %s for model %s (inference.engine=%s)", engine.name, model.path, spec.engine)
+    log.info("engine %s on %d threads for model %s (inference.engine=%s)", engine.name, engine.threads,
+             model.path, spec.engine)
     return predictor

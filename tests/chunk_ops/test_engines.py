@@ -1,6 +1,7 @@
 """CPU engines (OpenVINO, ONNX Runtime) against PyTorch, engine choice, and bad models.
 
-The network is the bundled, trained RSUNet; inputs are synthetic EM patches.
+The network is the bundled, trained RSUNet (inputs: synthetic EM patches), or small
+TorchScript nets, traced and scripted.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from chunk_ops.models.loading import choose_engine, load_predictor, read_model_b
 from chunk_ops.models.rsunet import RSUNet
 from chunk_ops.sample import synthetic_em
 from chunk_ops.spec import parse_spec
+from tests.chunk_ops import nets
 
 
 def _spec(engine: str, precision: str = "float32", model: dict | None = None, batch_size: int = 2):
@@ -185,14 +187,100 @@ def test_bundled_weights_are_small_and_load_safely():
     assert torch_module(_spec("pytorch").model, path.read_bytes()) is not None
 
 
-def test_auto_falls_back_to_pytorch_for_a_model_onnx_cannot_express(make_spec, caplog):
+def test_auto_falls_back_to_pytorch_for_a_model_onnx_cannot_express(make_spec, caplog, monkeypatch, tmp_path):
+    monkeypatch.setenv("CHUNK_OPS_CACHE", str(tmp_path / "cache"))  # a failure found here, not remembered
     spec = make_spec(net="NumpyNet", net_kwargs={})
     spec["inference"]["engine"] = "auto"
     with caplog.at_level(logging.WARNING, logger="chunk_ops.models.loading"):
         job = Job.open(spec)
         job.prepare()
     assert job.predictor.engine.name == "torch-cpu-float32"
-    assert "cannot export the model to ONNX for engine 'openvino'" in caplog.text
+    assert "cannot convert the model for engine 'openvino': torch.export-based ONNX export" in caplog.text
     spec["inference"]["engine"] = "openvino"
     spec["output"]["url"] += "-openvino"
-    _assert_refused_before_any_write(spec, "cannot export the model to ONNX for engine 'openvino'")
+    _assert_refused_before_any_write(spec, "cannot convert the model for engine 'openvino'")
+
+
+# --- TorchScript on the CPU engines -----------------------------------------------------------
+
+class _Gated(torch.nn.Module):
+    """A conv net with a data-dependent branch: scripting keeps both sides (tracing keeps one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if bool(x.mean() > 0.5):
+            y = -y
+        return torch.sigmoid(y)
+
+
+class _Unconvertible(torch.nn.Module):
+    """Ends in torch.special.i1e, which neither OpenVINO's TorchScript frontend nor the ONNX
+    exporters convert (OpenVINO 2026.4, torch 2.13); PyTorch runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        return torch.special.i1e(self.conv(x))
+
+
+def _torchscript(folder: Path, kind: str) -> dict:
+    """A TorchScript file of a small conv net, as a job spec's model (patch x,y,z 24, 24, 8)."""
+    torch.manual_seed(0)
+    if kind == "traced":
+        module = torch.jit.trace(nets.TinyConvNet(1, 2).eval(), torch.zeros(1, 1, 8, 24, 24))
+    else:
+        module = torch.jit.script({"scripted": _Gated, "unconvertible": _Unconvertible}[kind]().eval())
+    path = folder / f"{kind}.ts"
+    torch.jit.save(module, path)
+    return {"path": str(path), "format": "torchscript", "input_patch": [24, 24, 8], "out_channels": 2}
+
+
+@pytest.mark.parametrize("kind", ["traced", "scripted"])
+@pytest.mark.parametrize("engine", ["auto", "openvino", "onnxruntime"])
+def test_torchscript_models_run_on_the_cpu_engines(tmp_path, kind, engine):
+    model = _torchscript(tmp_path, kind)
+    low = np.random.default_rng(3).random((2, 1, 8, 24, 24), dtype=np.float32) * 0.5
+    reference = load_predictor(_spec("pytorch", model=model))
+    predictor = load_predictor(_spec(engine, model=model))
+    assert predictor.engine.name == f"{'openvino' if engine == 'auto' else engine}-cpu-float32"
+    for batch in (low, low + 0.5):  # _Gated's two branches
+        assert np.abs(predictor(batch) - reference(batch)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("engine,kind", [("openvino", "openvino"), ("onnxruntime", "onnx")])
+def test_a_torchscript_conversion_is_cached_and_reused(monkeypatch, tmp_path, engine, kind):
+    monkeypatch.setenv("CHUNK_OPS_CACHE", str(tmp_path / "cache"))
+    spec = _spec(engine, model=_torchscript(tmp_path, "traced"))
+    load_predictor(spec)
+    converted = [p for p in (cache_dir() / kind).iterdir() if p.suffix != ".lock"]
+    assert {p.suffix for p in converted} == ({".xml", ".bin"} if kind == "openvino" else {".onnx"})
+    for p in converted:  # rewritten: a second conversion would replace them
+        p.write_bytes(p.read_bytes())
+    before = {p: p.stat().st_mtime_ns for p in converted}
+    assert load_predictor(spec).engine.name == f"{engine}-cpu-float32"
+    assert {p: p.stat().st_mtime_ns for p in (cache_dir() / kind).iterdir() if p.suffix != ".lock"} == before
+
+
+def test_a_torchscript_model_no_cpu_engine_takes_runs_on_pytorch_with_one_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CHUNK_OPS_CACHE", str(tmp_path / "cache"))
+    model = _torchscript(tmp_path, "unconvertible")
+    with caplog.at_level(logging.INFO, logger="chunk_ops"):
+        workers = [load_predictor(_spec("auto", model=model)) for _ in range(2)]  # two workers of one machine
+    assert [w.engine.name for w in workers] == ["torch-cpu-float32"] * 2
+    ours = [r for r in caplog.records if r.name.startswith("chunk_ops")]
+    warnings = [r.getMessage() for r in ours if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0] == ("cannot convert the model for engine 'openvino': openvino.convert_model "
+                           f"{__import__('openvino').__version__}: OpConversionFailure: No conversion rule found "
+                           "for operations: aten::special_i1e; running it on PyTorch")
+    # the second worker read the failure from the cache: it says why, without a warning
+    assert [r.getMessage() for r in ours if "running it on PyTorch" in r.getMessage()] == warnings * 2
+    for engine in ("openvino", "onnxruntime"):  # asked for by name, it is an error naming the op
+        with pytest.raises(ModelError, match=rf"cannot convert the model for engine '{engine}'.*aten::special_i1e"):
+            load_predictor(_spec(engine, model=model))

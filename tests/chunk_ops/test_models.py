@@ -84,19 +84,19 @@ def test_bfloat16_autocast_stays_close_to_float32_or_is_refused_where_emulated()
     torch.manual_seed(0)
     net = RSUNet(widths=(4, 8)).eval()
     x = np.random.default_rng(0).random((2, 1, 4, 32, 32), dtype=np.float32)
-    fp32 = TorchEngine(net, device="cpu", precision="float32")(x)
+    fp32 = TorchEngine(net, threads=torch.get_num_threads(), device="cpu", precision="float32")(x)
     if not cpu_has_bf16():
         with pytest.raises(ModelError, match="no bf16 units"):
-            TorchEngine(net, device="cpu", precision="bfloat16")
+            TorchEngine(net, threads=torch.get_num_threads(), device="cpu", precision="bfloat16")
         return
-    bf16 = TorchEngine(net, device="cpu", precision="bfloat16")(x)
+    bf16 = TorchEngine(net, threads=torch.get_num_threads(), device="cpu", precision="bfloat16")(x)
     assert fp32.dtype == bf16.dtype == np.float32
     assert 0 < np.abs(fp32 - bf16).max() < 5e-2
 
 
 def test_float16_on_cpu_is_refused_with_a_reason():
     with pytest.raises(ModelError, match="float16' needs a CUDA device"):
-        TorchEngine(RSUNet(widths=(4, 8)), device="cpu", precision="float16")
+        TorchEngine(RSUNet(widths=(4, 8)), threads=torch.get_num_threads(), device="cpu", precision="float16")
 
 
 def test_rsunet_keeps_the_patch_and_predicts_affinities():

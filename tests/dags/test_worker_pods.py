@@ -73,7 +73,7 @@ def test_a_pods_command_and_env_process_tasks_from_sqs(dagbag, make_spec, moto_s
     container = manifest["spec"]["containers"][0]
     pod_env = {e["name"]: e["value"] for e in container["env"]}
     assert pod_env == {**env, "CHUNK_OPS_MODEL_ALLOWLIST": os.environ["CHUNK_OPS_MODEL_ALLOWLIST"],
-                       "CHUNK_OPS_POOL": "cpu"}
+                       "CHUNK_OPS_POOL": "cpu", "CHUNK_OPS_THREADS": "2"}  # the cpu pool's CPU request
     args = container["args"]
     args[args.index("--idle-exit") + 1] = "2"  # a short idle exit for the test
     command = [str(Path(sys.executable).with_name(container["command"][0])), *args]

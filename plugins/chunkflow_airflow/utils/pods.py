@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from kubernetes.client import models as k8s
+
 SPOT = {
     "gke": ({"cloud.google.com/gke-spot": "true"},
             [{"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}]),
@@ -18,6 +20,13 @@ SPOT = {
             [{"key": "eks.amazonaws.com/capacityType", "operator": "Equal", "value": "SPOT", "effect": "NoSchedule"}]),
 }
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+# Each pool's container resources; a pod's CPU request is also its worker's thread budget.
+WORKER_RESOURCES = {
+    "gpu": k8s.V1ResourceRequirements(requests={"cpu": "4", "memory": "16Gi"},
+                                      limits={"memory": "16Gi", "nvidia.com/gpu": "1"}),
+    "cpu": k8s.V1ResourceRequirements(requests={"cpu": "2", "memory": "8Gi"}, limits={"memory": "8Gi"}),
+}
 
 # The worker image's user (images/worker/Dockerfile); pods never run as root.
 WORKER_UID = 10001
@@ -35,6 +44,19 @@ def check_pools(workers: dict, queue_url: str) -> None:
         "standing false); set workers.standing to true if workers outside Airflow (the docker-compose "
         "worker service) poll that queue"
     )
+
+
+def threads_for_request(cpu: str) -> int:
+    """A worker's thread budget from its container's CPU request (``"2"``, ``"500m"``): the
+    node has more cores, but the pod is scheduled for, and shares the node by, its request."""
+    from chunk_ops.engines import threads_for
+    from kubernetes.utils import parse_quantity
+
+    try:
+        cpus = float(parse_quantity(cpu))
+    except ValueError:
+        raise ValueError(f"CPU request {cpu!r} is not a Kubernetes quantity (e.g. '2', '500m')") from None
+    return threads_for(cpus)
 
 
 def _allowlist_env() -> dict[str, str]:
@@ -66,14 +88,17 @@ def worker_arguments(queue_url: str, idle_exit_s: float, lease_s: float, pool: s
 def pod_kwargs(pool: str, stage: int, count: int, *, job_id: str, queue_url: str, cloud: str,
                idle_exit_s: float, lease_s: float, env: dict[str, str], spec_prefix: str | None = None) -> list[dict]:
     """Per-pod arguments for ``KubernetesPodOperator.partial(...).expand_kwargs(...)``."""
+    from chunk_ops.engines import THREADS_ENV
+
     selector, tolerations = SPOT[cloud]
     tolerations = tolerations + ([GPU_TOLERATION] if pool == "gpu" else [])
+    threads = threads_for_request(WORKER_RESOURCES[pool].requests["cpu"])
     return [
         {
             "name": f"chunk-ops-{pool}-s{stage}-{job_id[:8]}-{i}",
             "arguments": worker_arguments(queue_url, idle_exit_s, lease_s, pool, spec_prefix),
             # the operator's model allowlist travels with the pods (never from the trigger)
-            "env_vars": {**env, **_allowlist_env(), "CHUNK_OPS_POOL": pool},
+            "env_vars": {**env, **_allowlist_env(), "CHUNK_OPS_POOL": pool, THREADS_ENV: str(threads)},
             "node_selector": dict(selector),
             "tolerations": [dict(t) for t in tolerations],
             "labels": {"app": "chunk-ops-worker", "pool": pool, "job": job_id[:16], "stage": str(stage)},
