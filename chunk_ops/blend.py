@@ -133,11 +133,16 @@ class PatchGrid:
     def __len__(self) -> int:
         return int(np.prod([len(self.axis_origins(a)) for a in range(3)]))
 
+    def origins_reaching(self, box: Box) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-axis origins of the patches whose output touches ``box``: they start less than
+        one patch below it."""
+        return tuple(self.axis_origins(a, box.start[a] - self.patch[a] + 1, box.stop[a])  # type: ignore[return-value]
+                     for a in range(3))
+
     def weight_sum(self, box: Box, mode: BlendMode | str) -> np.ndarray:
         """Sum of all patches' windows over ``box``, as a (z, y, x) float64 array."""
         mode = BlendMode.parse(mode)
-        # the patches that reach the box start less than one patch below it
-        reach = [self.axis_origins(a, box.start[a] - self.patch[a] + 1, box.stop[a]) for a in range(3)]
+        reach = self.origins_reaching(box)
         if mode is BlendMode.GAUSSIAN:
             window = window_3d(mode, self.patch).astype(np.float64)
             acc = np.zeros(box.shape.zyx())

@@ -188,9 +188,8 @@ def submit(job: dict, queue_url: str | None, stage: str, max_receives: int, yes:
            as_json: bool) -> None:
     """Prepare JOB (stage 1) and enqueue the stage's tasks that are not done yet."""
     from . import pipeline
-    from .progress import Progress
     from .queues.stages import StageQueues
-    from .submit import default_queue_url, enqueue_stage
+    from .submit import default_queue_url
 
     opened = pipeline.validate(job, queue_url=queue_url)
     url = queue_url or default_queue_url(opened)
@@ -203,9 +202,7 @@ def submit(job: dict, queue_url: str | None, stage: str, max_receives: int, yes:
         click.confirm(question, abort=True, err=True)
     if stage == "1":
         pipeline.prepare(opened)
-    queues = StageQueues(url, create=True, max_receives=max_receives)
-    with Progress(len(opened.plan), f"enqueue stage {stage}", unit="tasks") as bar:
-        sent = enqueue_stage(opened, queues, int(stage), on_each=bar.update)
+    sent = pipeline.enqueue(opened, StageQueues(url, create=True, max_receives=max_receives), int(stage))
     result = {**_summary(opened), "queue": url, "stage": int(stage), "sent": sent,
               "skipped_done": len(opened.plan) - sent, "spec_url": opened.spec_url}
     _output(result, as_json, f"sent {sent} stage-{stage} tasks of job {opened.id} to {url} "

@@ -75,6 +75,11 @@ def threads_for(cpus: float) -> int:
     return max(1, int(cpus))
 
 
+def local_share(workers: int) -> int:
+    """The thread budget of each of ``workers`` workers sharing this machine."""
+    return threads_for(machine_cores() / workers)
+
+
 def worker_threads() -> int:
     """This worker's thread budget: ``CHUNK_OPS_THREADS``, else every core here (a lone worker)."""
     value = os.environ.get(THREADS_ENV, "").strip()

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import storage
 from .downsample import build_pyramid
-from .engines import THREADS_ENV, machine_cores, threads_for
+from .engines import THREADS_ENV, local_share
 from .job import Job
 from .progress import Progress, event
 from .queues.stages import StageQueues
@@ -34,7 +34,6 @@ from .stages import RunReport, marker_record, run_stage1, run_stage2
 from .submit import check_stage_done, default_queue_url, enqueue_stage, report_from_markers
 from .volumes import layer_folder
 
-STEPS = ("validate", "prepare", "stage1", "stage2", "finish", "segment", "pyramid", "report")
 IN_PROCESS_POOL = "in-process"
 
 
@@ -131,16 +130,21 @@ def worker_command(queue_url: str, *, idle_exit_s: float = 3.0, visibility_timeo
     ]
 
 
+def enqueue(job: Job, queues: StageQueues, stage: int) -> int:
+    """Send the stage's chunks not done yet to its queue, with progress; returns how many."""
+    with Progress(len(job.plan), f"enqueue stage {stage}", unit="tasks") as bar:
+        return enqueue_stage(job, queues, stage, on_each=bar.update)
+
+
 def run_stage_with_pool(job: Job, queues: StageQueues, stage: int, workers: int, *,
                         idle_exit_s: float = 3.0, visibility_timeout_s: float = 60.0) -> int:
     """Enqueue the stage's chunks not done yet; run ``workers`` worker processes until the
     queue stays empty, showing the done markers as they appear.  Returns the tasks sent."""
-    with Progress(len(job.plan), f"enqueue stage {stage}", unit="tasks") as bar:
-        sent = enqueue_stage(job, queues, stage, on_each=bar.update)
+    sent = enqueue(job, queues, stage)
     if not sent:
         return 0
     # share the cores: N processes each with every core's worth of threads thrash
-    threads = str(threads_for(machine_cores() / workers))
+    threads = str(local_share(workers))
     env = {**os.environ, THREADS_ENV: threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     command = worker_command(queues.url, idle_exit_s=idle_exit_s, visibility_timeout_s=visibility_timeout_s,
                              extra=("--spec-prefix", job.job_url + "/"))
@@ -156,14 +160,13 @@ def run_stage_with_pool(job: Job, queues: StageQueues, stage: int, workers: int,
 # --- after the merge --------------------------------------------------------------------
 def finish(job: Job, queues: StageQueues | None = None, wall_s: float | None = None) -> RunReport:
     """Verify every chunk of both stages, remove the scratch and what killed writers left."""
-    for stage in (1, 2):
-        check_stage_done(job, queues, stage)
+    records = {stage: check_stage_done(job, queues, stage) for stage in (1, 2)}  # every marker read once
     job.remove_scratch()
     for url in (job.spec.output_url, job.job_url):
         folder = storage.local_path(url)
         if folder is not None and folder.is_dir():
             storage.sweep_temporaries(folder)
-    report = report_from_markers(job, wall_s)
+    report = report_from_markers(job, wall_s, records)
     if queues is not None:
         report.dead_letters = queues.counts(1).dead + queues.counts(2).dead
     return report

@@ -109,7 +109,7 @@ def section_picture(job: Job) -> bytes:
     z = (job.roi.start.z + job.roi.stop.z) // 2
     plane = Box((job.roi.start.x, job.roi.start.y, z), (job.roi.stop.x, job.roi.stop.y, z + 1))
     raw = job.input.read(plane)[0, 0]
-    out = open_volume(job.spec.output_url, 0).read(plane)[:, 0]
+    out = job.output.read(plane)[:, 0]
     left = Image.fromarray(_to_uint8(raw)).convert("RGB")
     right = Image.fromarray(np.stack([_to_uint8(c) for c in out[:3]], -1)) if len(out) >= 3 \
         else Image.fromarray(_to_uint8(out[0])).convert("RGB")

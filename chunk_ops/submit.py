@@ -108,23 +108,27 @@ class StageIncomplete(RuntimeError):
     """A stage ended with chunks not done (their tasks are dead-lettered or lost)."""
 
 
-def check_stage_done(job: Job, queues: StageQueues | None, stage: int) -> None:
-    """Verification: every chunk has a valid marker (each one read and parsed)."""
-    missing = len(job.plan) - len(job.done_records(stage))
+def check_stage_done(job: Job, queues: StageQueues | None, stage: int) -> list[dict]:
+    """Verification: every chunk has a valid marker (each one read and parsed); returns them."""
+    records = job.done_records(stage)
+    missing = len(job.plan) - len(records)
     if missing:
         where = f"; queue {queues.counts(stage)}; dead letters: {queues.dead_letters(3)}" if queues else ""
         raise StageIncomplete(f"stage {stage} of job {job.id}: {missing} of {len(job.plan)} chunks not done{where}")
+    return records
 
 
-def report_from_markers(job: Job, wall_s: float | None = None) -> RunReport:
+def report_from_markers(job: Job, wall_s: float | None = None,
+                        records: dict[int, list[dict]] | None = None) -> RunReport:
     """The run's report, from the done markers (each holds its task's timings).
 
-    ``wall_s`` defaults to the span from the first task's start to the last one's end.
+    ``wall_s`` defaults to the span from the first task's start to the last one's end;
+    ``records`` are the markers per stage when the caller has read them already.
     """
     report = RunReport(job.id, len(job.plan), job.roi.size, 0, len(job.grid), 0.0)
     first, last = float("inf"), 0.0
     for stage, total in ((1, report.stage1), (2, report.stage2)):
-        for record in job.done_records(stage):
+        for record in records[stage] if records is not None else job.done_records(stage):
             total.add(ChunkStats(**{k: record[k] for k in ChunkStats.__dataclass_fields__}))
             report.redeliveries += record["receive_count"] - 1
             first, last = min(first, record["started_at"]), max(last, record["finished_at"])

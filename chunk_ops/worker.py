@@ -27,6 +27,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from .engines import THREADS_ENV, worker_threads
 from .job import Job
@@ -284,12 +286,19 @@ class Worker:
 
     def process(self, lease: Lease, stage: int = 1, queue: TaskQueue | None = None) -> None:
         queue = queue or self.queues.of(stage)
+        with self.holding(lease, queue) as heartbeat:
+            self._process(lease, stage, queue, heartbeat)
+
+    @contextlib.contextmanager
+    def holding(self, lease: Lease, queue: TaskQueue) -> Iterator[Heartbeat]:
+        """Hold a lease while it is worked on: a heartbeat renews it, and a deadline or SIGTERM
+        gives it back (``give_back_all_and_exit``).  The chain's fetch-task holds its tasks so too."""
         with self._lock:
             self._held[lease.message_id] = (queue, lease)
         heartbeat = Heartbeat(self, lease, queue)
         heartbeat.start()
         try:
-            self._process(lease, stage, queue, heartbeat)
+            yield heartbeat
         finally:
             heartbeat.stop()
             with self._lock:

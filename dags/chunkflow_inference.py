@@ -89,7 +89,7 @@ with DAG(
     @task(retries=2, retry_delay=timedelta(seconds=10))
     def local_worker(index: int, info: dict) -> dict:
         """A chunk_ops worker on this Airflow worker; exits when the queue stays empty."""
-        from chunk_ops.engines import machine_cores, threads_for
+        from chunk_ops.engines import local_share
         from chunk_ops.worker import Worker, WorkerConfig
         from chunkflow_airflow.hooks.chunk_queue import ChunkQueueHook
 
@@ -98,7 +98,7 @@ with DAG(
                               visibility_timeout_s=float(info["workers"]["lease_s"]), pool="local",
                               spec_prefixes=(info["spec_url"].rsplit("/", 1)[0] + "/",),
                               # the local pool's workers share this machine's cores instead of each taking all
-                              threads=threads_for(machine_cores() / max(1, info["workers"]["local"])))
+                              threads=local_share(max(1, info["workers"]["local"])))
         summary = Worker(config, queues).run()
         return {"index": index, "done": summary.done, "skipped": summary.skipped, "failed": summary.failed}
 

@@ -52,7 +52,7 @@ def _with_options(document: dict, options: dict) -> dict:
 
 def _input_needed(grid: PatchGrid, patch: Vec3, margin: Vec3, box: Box) -> tuple[tuple, Box, Box]:
     """Patch origins (x, y, z lists) whose output touches ``box``, the output they cover, and its input."""
-    origins = tuple(grid.axis_origins(a, box.start[a] - patch[a] + 1, box.stop[a]) for a in range(3))
+    origins = grid.origins_reaching(box)
     covered = Box(Vec3(*(int(o[0]) for o in origins)), Vec3(*(int(o[-1]) for o in origins)) + patch)
     return origins, covered, covered.grow(margin)
 

@@ -106,7 +106,9 @@ def quantize(array: np.ndarray, mode: str = "all") -> np.ndarray:
                              f"got {array.shape[0]} channels")
         picked = [AFFINITY_CHANNELS.index(letter) for letter in mode]
         array = array[picked].mean(axis=0, keepdims=True)
-    return np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
+    from ..stages import cast_output  # the job's own float -> uint8 rule
+
+    return cast_output(array, "uint8")
 
 
 @operator("normalize-intensity")

@@ -117,9 +117,9 @@ class QueueLease:
 @click.option("--max-tasks", type=click.IntRange(min=1), help="stop after this many tasks")
 def fetch_task(queue_url: str, visibility_timeout: float, idle_exit: float, max_tasks: int | None) -> Operator:
     """Lease tasks from a queue (see generate-tasks --queue); end the chain with delete-task."""
-    from ..worker import Heartbeat, Worker, WorkerConfig
+    from ..worker import Worker, WorkerConfig
 
-    # the worker's heartbeat reads the lease length and task deadline from a worker's config
+    # the worker's lease keeping (heartbeat, task deadline, give-back on exit) reads a worker's config
     worker = Worker(WorkerConfig(queue_url, visibility_timeout_s=visibility_timeout, idle_exit_s=idle_exit))
     queue = worker.queues.of(1)
 
@@ -138,12 +138,8 @@ def fetch_task(queue_url: str, visibility_timeout: float, idle_exit: float, max_
                 log.error("fetch-task: message %s: %s", lease.message_id, e)
                 queue.release(lease)
                 continue
-            held = QueueLease(queue, lease, Heartbeat(worker, lease, queue))
-            held.heartbeat.start()
-            try:
-                yield ChainTask(box, lease=held)  # returns once the task has left the chain
-            finally:
-                held.heartbeat.stop()
+            with worker.holding(lease, queue) as heartbeat:
+                yield ChainTask(box, lease=QueueLease(queue, lease, heartbeat))  # back once it left the chain
             fetched, idle_since = fetched + 1, time.monotonic()
     return source("fetch-task", fetch)
 

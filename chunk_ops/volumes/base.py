@@ -121,6 +121,11 @@ class Volume(ABC):
                 out[:, z - box.start.z] = self.fill_value
         return out
 
+    def _local_index(self, box: Box, rank: int) -> tuple:
+        """Index of ``box`` into a stored array covering the bounds: (c, z, y, x), or (z, y, x) at rank 3."""
+        zyx = box.to_zyx_slices(relative_to=self.bounds)
+        return (slice(None), *zyx) if rank == 4 else zyx
+
     def _read_with_holes(self, box: Box) -> np.ndarray:
         try:
             return self._read_inside(box)

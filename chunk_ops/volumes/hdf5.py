@@ -102,10 +102,6 @@ class Hdf5Volume(Volume):
         file_url, _, dataset = _split(location)
         return f"{file_url}.d{dataset}"
 
-    def _index(self, box: Box) -> tuple:
-        zyx = box.shift(-self.bounds.start).to_zyx_slices()
-        return (slice(None), *zyx) if self._rank == 4 else zyx
-
     def _read_inside(self, box: Box) -> np.ndarray:
         with _turn(self._path, False), h5py.File(self._path, "r") as f:
             d = f[self._dataset]
@@ -115,9 +111,9 @@ class Hdf5Volume(Volume):
                     if d.id.get_chunk_info_by_coord((0,) * (self._rank - 3) + corner.zyx()).byte_offset is None:
                         start = (self.bounds.start + corner).to_list()
                         raise MissingBlock(f"{self._path}#{self._dataset} chunk at voxel (x y z) {start}")
-            data = d[self._index(box)]
+            data = d[self._local_index(box, self._rank)]
         return data if self._rank == 4 else data[None]
 
     def _write_aligned(self, box: Box, data: np.ndarray) -> None:
         with _turn(self._path, True), h5py.File(self._path, "r+") as f:
-            f[self._dataset][self._index(box)] = data if self._rank == 4 else data[0]
+            f[self._dataset][self._local_index(box, self._rank)] = data if self._rank == 4 else data[0]

@@ -39,7 +39,7 @@ class NpyVolume(Volume):
         self._path = _path(location)
         if not self._path.is_file():
             raise VolumeError(f"no .npy file at {self.url}")
-        array = self._map("r")
+        array = self._array = self._map("r")  # reads share one map; writes open theirs
         self.num_channels, size = stored_shape(array.shape, self.url)
         self._rank, self.dtype = array.ndim, array.dtype
         files, name = _sidecar(self._path)
@@ -80,15 +80,11 @@ class NpyVolume(Volume):
     def folder(location: str) -> str:
         return f"{location}.d"
 
-    def _index(self, box: Box) -> tuple:
-        zyx = box.shift(-self.bounds.start).to_zyx_slices()
-        return (slice(None), *zyx) if self._rank == 4 else zyx
-
     def _read_inside(self, box: Box) -> np.ndarray:
-        data = np.array(self._map("r")[self._index(box)])
+        data = np.array(self._array[self._local_index(box, self._rank)])
         return data if self._rank == 4 else data[None]
 
     def _write_aligned(self, box: Box, data: np.ndarray) -> None:
         array = self._map("r+")
-        array[self._index(box)] = data if self._rank == 4 else data[0]
+        array[self._local_index(box, self._rank)] = data if self._rank == 4 else data[0]
         array.flush()

@@ -117,10 +117,13 @@ class TiffStackVolume(Volume):
     def _read_inside(self, box: Box) -> np.ndarray:
         names = [self._name(z) for z in range(box.start.z, box.stop.z)]
         found = {r["path"]: r["content"] for r in self._files.get(names)}
-        y, x = box.shift(-self.bounds.start).to_zyx_slices()[1:]
+        y, x = box.to_zyx_slices(relative_to=self.bounds)[1:]
         out = np.empty((self.num_channels, *box.shape.zyx()), self.dtype)
         for i, name in enumerate(names):
             if found.get(name) is None:
+                if self.fill_missing:  # known here: no second, block-by-block read
+                    out[:, i] = self.fill_value
+                    continue
                 raise MissingBlock(f"{self.location.rstrip('/')}/{name}")
             out[:, i] = _decode(found[name], name)[:, y, x]
         return out
