@@ -316,6 +316,16 @@ class ChunkPlan:
         for (z0, z1), (y0, y1), (x0, x1) in itertools.product(bz, by, bx):
             yield Box(Vec3(x0, y0, z0), Vec3(x1, y1, z1))
 
+    def chunks_meeting(self, box: Box) -> list[Box]:
+        """The chunks that share a voxel with ``box``, in plan order."""
+        inside = box.intersection(self.roi)
+        if inside.is_empty():
+            return []
+        lo = (inside.start - self.origin) // self.chunk_size - self.first_index
+        hi = (inside.stop - 1 - self.origin) // self.chunk_size - self.first_index
+        return [self.box_at(Vec3(gx, gy, gz)) for gz in range(lo.z, hi.z + 1)
+                for gy in range(lo.y, hi.y + 1) for gx in range(lo.x, hi.x + 1)]
+
     def index_of(self, box: Box) -> int:
         """Linear index of the chunk whose box is ``box`` (raises if it is none)."""
         g = (box.start - self.origin) // self.chunk_size - self.first_index

@@ -2,7 +2,8 @@
 
 Stage 1 (per chunk, needs the network): evaluate the patches whose origin lies in
 the chunk, each exactly once, and store ``sum(window * prediction)`` over the
-region those patches cover (the chunk plus its upper overhang) as scratch.
+region those patches cover (the chunk plus its upper overhang) as scratch, cut
+into pieces by the chunks they fall in (so a merge reads only its own parts).
 
 Stage 2 (per chunk, merge, CPU only): add the parts of the partial sums of the
 chunk itself and of its lower neighbours that fall in the chunk, divide by the
@@ -13,8 +14,8 @@ the order chunks were processed in, or on how often.
 Every patch is computed exactly once, so compute amplification is 1.00, and the
 output equals :func:`reference_pass` up to float rounding.
 
-Integrity: a stage-1 marker records the sha256 of its partial sum; stage 2 reads a
-partial only if its bytes match, and redoes the stage 1 of a chunk whose partial is
+Integrity: a stage-1 marker records the sha256 of each piece of its partial sum; stage 2
+reads a piece only if its bytes match, and redoes the stage 1 of a chunk whose partial is
 missing, torn or corrupted (then merges), so a bad partial never reaches the output.
 Before each write the worker's ``fence`` confirms it still holds its lease: a worker
 that lost it (frozen, partitioned, past its deadline) writes nothing.
@@ -133,12 +134,12 @@ def predict_into(
 def run_stage1(job: Job, chunk: Box, fence: Fence = _no_fence) -> tuple[ChunkStats, dict]:
     """Stage 1 of one chunk: its patches, blended into a scratch partial sum.
 
-    Returns the work done and what its done marker must keep (the partial's sha256).
+    Returns the work done and what its done marker must keep (its pieces' sha256).
     """
     stats = ChunkStats(voxels=chunk.size)
     part = job.partial_box(chunk)
     if part is None:
-        return stats, {"partial_sha256": None}
+        return stats, {"partial_pieces": {}}
     t0 = time.perf_counter()
     image = normalize_input(job.input.read(part.grow(job.spec.model.margin)))
     stats.read_s += time.perf_counter() - t0
@@ -147,19 +148,21 @@ def run_stage1(job: Job, chunk: Box, fence: Fence = _no_fence) -> tuple[ChunkSta
     predict_into(job.predictor, image, job.grid.origins_in(chunk), part.start, acc, window, stats)
     t0 = time.perf_counter()
     fence()
-    digest = job.put_partial(chunk, acc.astype(np.float32))
+    pieces = job.put_partial(chunk, acc.astype(np.float32))
     stats.write_s += time.perf_counter() - t0
-    return stats, {"partial_sha256": digest}
+    return stats, {"partial_pieces": pieces}
 
 
-def _verified_partial(job: Job, neighbour: Box, stats: ChunkStats, fence: Fence) -> np.ndarray:
-    """The neighbour's partial sum as its stage-1 marker recorded it; redone here if bad."""
+def _verified_piece(job: Job, neighbour: Box, chunk: Box, stats: ChunkStats, fence: Fence) -> np.ndarray:
+    """The piece of the neighbour's partial sum inside ``chunk``, as its stage-1 marker
+    recorded it; the neighbour's stage 1 is redone here if the piece is bad."""
     record = job.done_record(1, neighbour)
     if record is None:
         raise NotReady(f"stage 1 of chunk {neighbour.to_filename()} is not done yet: "
                        f"run it before merging its neighbours")
+    dest = chunk.to_filename()
     try:
-        return job.get_partial(neighbour, record.get("partial_sha256") or "")
+        return job.get_piece(neighbour, chunk, (record.get("partial_pieces") or {}).get(dest, ""))
     except BadPartial as e:
         log.warning("redoing stage 1 of chunk %s: %s", neighbour.to_filename(), e)
     redo, extra = run_stage1(job, neighbour, fence)
@@ -167,7 +170,7 @@ def _verified_partial(job: Job, neighbour: Box, stats: ChunkStats, fence: Fence)
     fence()
     job.mark_done(1, neighbour, marker_record(job, 1, redo, {**extra, "redone_by_stage2": True},
                                               started=time.time(), pool="stage2-redo", receive_count=1))
-    return job.get_partial(neighbour, extra["partial_sha256"])
+    return job.get_piece(neighbour, chunk, extra["partial_pieces"][dest])
 
 
 def run_stage2(job: Job, chunk: Box, fence: Fence = _no_fence) -> tuple[ChunkStats, dict]:
@@ -181,8 +184,7 @@ def run_stage2(job: Job, chunk: Box, fence: Fence = _no_fence) -> tuple[ChunkSta
         if part is None or not part.intersects(chunk):
             continue
         common = part.intersection(chunk)
-        partial = _verified_partial(job, neighbour, redo, fence)
-        acc[(slice(None), *common.to_zyx_slices(chunk))] += partial[(slice(None), *common.to_zyx_slices(part))]
+        acc[(slice(None), *common.to_zyx_slices(chunk))] += _verified_piece(job, neighbour, chunk, redo, fence)
     t1 = time.perf_counter()
     acc /= job.grid.weight_sum(chunk, job.blend)
     result = cast_output(acc, job.spec.output_dtype)
@@ -252,7 +254,7 @@ class RunReport:
 def marker_record(job: Job, stage: int, stats: ChunkStats, extra: dict, *, started: float, pool: str,
                   receive_count: int, worker: str | None = None) -> dict:
     """What a chunk's done marker keeps: the task's timings and counts, who did it, and
-    (stage 1) its partial sum's sha256 and the engine that ran the network."""
+    (stage 1) its partial sum pieces' sha256 and the engine that ran the network."""
     record = {**stats.to_dict(), **extra, "pool": pool, "receive_count": receive_count,
               "started_at": started, "finished_at": time.time()}
     if worker is not None:

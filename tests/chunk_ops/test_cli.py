@@ -97,7 +97,7 @@ def test_submit_workers_and_status_over_sqs(make_spec, tmp_path, moto_sqs):
     assert finished.returncode == 0, finished.stderr
     assert json.loads(finished.stdout)["amplification"] == 1.0
     job_dir = Path(spec["output"]["url"].removeprefix("file://")) / "jobs" / report["job_id"]
-    assert (job_dir / "report.json").exists() and not any((job_dir / "scratch").glob("*.npy"))
+    assert (job_dir / "report.json").exists() and not any((job_dir / "scratch").rglob("*.npy"))
 
     again = _chunk_ops("submit", str(job_file), "--queue", queue, "--json", cwd=tmp_path)
     assert json.loads(again.stdout)["sent"] == 0  # a rerun of a finished job sends nothing

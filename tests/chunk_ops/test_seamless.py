@@ -11,7 +11,7 @@ import pytest
 
 from chunk_ops.job import Job
 from chunk_ops.pipeline import run_job
-from chunk_ops.stages import reference_pass, run_stage1, run_stage2
+from chunk_ops.stages import marker_record, reference_pass, run_stage1, run_stage2
 from chunk_ops.volumes import open_volume
 
 CASES = {
@@ -141,3 +141,30 @@ def test_closed_form_with_cropping_network(make_spec):
     run_job(job)
     x = open_volume(spec["input"]["url"], 0).read(job.roi).astype(np.float64) / 255.0
     assert np.abs(read_output(job) - (2 * x + 1)).max() <= 1e-6
+
+
+def test_a_merge_reads_only_the_pieces_inside_its_chunk(make_spec):
+    """Stage 1 cuts its partial sum by destination chunk; stage 2 reads only its own
+    pieces, and the pieces of a partial tile it exactly."""
+    job = Job.open(make_spec(chunk=(8, 8, 2), block=(4, 4, 2)))
+    job.prepare()
+    for chunk in job.plan:
+        stats, extra = run_stage1(job, chunk)
+        job.mark_done(1, chunk, marker_record(job, 1, stats, extra, started=time.time(), pool="test",
+                                              receive_count=1))
+    for chunk in job.plan:
+        pieces, part = job.partial_pieces(chunk), job.partial_box(chunk)
+        if part is None:  # no patch origin in this chunk
+            assert pieces == []
+            continue
+        assert sum(piece.size for _, piece in pieces) == part.size  # a tiling: no overlap, no gap
+        assert all(dest.contains(piece) and part.contains(piece) for dest, piece in pieces)
+    read: list[str] = []
+    get = job.scratch.get
+    job.scratch.get = lambda name: (read.append(name), get(name))[1]
+    chunk = job.plan[len(job.plan) // 2]
+    run_stage2(job, chunk)
+    own = f"/{chunk.to_filename()}.npy"
+    assert read and all(name.endswith(own) for name in read), read
+    reaching = [n for n in job.contributors(chunk) if (p := job.partial_box(n)) is not None and p.intersects(chunk)]
+    assert len(read) == len(reaching) > 1
