@@ -32,6 +32,7 @@ from .report import neuroglancer_link, write_report
 from .segment import segment_job
 from .stages import RunReport, marker_record, run_stage1, run_stage2
 from .submit import check_stage_done, default_queue_url, enqueue_stage, report_from_markers
+from .task import Task
 from .volumes import layer_folder
 
 IN_PROCESS_POOL = "in-process"
@@ -136,25 +137,57 @@ def enqueue(job: Job, queues: StageQueues, stage: int) -> int:
         return enqueue_stage(job, queues, stage, on_each=bar.update)
 
 
-def run_stage_with_pool(job: Job, queues: StageQueues, stage: int, workers: int, *,
-                        idle_exit_s: float = 3.0, visibility_timeout_s: float = 60.0) -> int:
-    """Enqueue the stage's chunks not done yet; run ``workers`` worker processes until the
-    queue stays empty, showing the done markers as they appear.  Returns the tasks sent."""
-    sent = enqueue(job, queues, stage)
-    if not sent:
-        return 0
+def _ready_merges(job: Job, done1: np.ndarray, done2: np.ndarray, start: int) -> tuple[list, int]:
+    """The merges from plan index ``start`` on whose contributors have all finished stage 1,
+    in plan order up to the first that is not ready (workers go in plan order too); returns
+    those not done yet and the index to go on from."""
+    ready, i = [], start
+    while i < len(job.plan):
+        box = job.plan[i]
+        if not all(done1[job.plan.index_of(c)] for c in job.contributors(box)):
+            break
+        if not done2[i]:
+            ready.append(box)
+        i += 1
+    return ready, i
+
+
+def run_with_pool(job: Job, queues: StageQueues, workers: int, *,
+                  idle_exit_s: float = 3.0, visibility_timeout_s: float = 60.0) -> None:
+    """Both stages with one pool of ``workers`` worker processes, each serving both: the
+    chunks not done yet go to stage 1, and each merge is sent as soon as its chunk and lower
+    neighbours have finished stage 1, so merges run alongside the network and the workers
+    never stop and start between the stages.  Returns when the pool has gone idle."""
+    enqueue(job, queues, 1)
     # share the cores: N processes each with every core's worth of threads thrash
     threads = str(local_share(workers))
     env = {**os.environ, THREADS_ENV: threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     command = worker_command(queues.url, idle_exit_s=idle_exit_s, visibility_timeout_s=visibility_timeout_s,
                              extra=("--spec-prefix", job.job_url + "/"))
+    done2 = job.done_mask(2)
+    merges_from = 0
     pool = [subprocess.Popen(command, env=env) for _ in range(workers)]
-    with Progress(len(job.plan), f"stage {stage}", initial=int(job.done_mask(stage).sum())) as bar:
-        while any(proc.poll() is None for proc in pool):
-            time.sleep(1.0)
-            bar.set(int(job.done_mask(stage).sum()))
-        bar.set(int(job.done_mask(stage).sum()))
-    return sent
+    with Progress(2 * len(job.plan), "stage 1 and merges") as bar:
+        while True:
+            running = any(proc.poll() is None for proc in pool)
+            done1 = job.done_mask(1)
+            ready, merges_from = _ready_merges(job, done1, done2, merges_from)
+            if ready:
+                queues.of(2).send_batch(Task(job.id, job.spec_url, 2, box).to_json() for box in ready)
+            merged = int(job.done_mask(2).sum())
+            bar.set(int(done1.sum()) + merged)
+            if running and merged == len(job.plan):  # all done: stop now rather than wait out the idle exit
+                for proc in pool:
+                    proc.terminate()
+                for proc in pool:
+                    proc.wait()
+                return
+            if not running:
+                if not ready:
+                    return
+                # merges became ready as the pool went idle: they need workers again
+                pool = [subprocess.Popen(command, env=env) for _ in range(workers)]
+            time.sleep(0.5)
 
 
 # --- after the merge --------------------------------------------------------------------
@@ -214,10 +247,9 @@ def run_job(job: Job, *, workers: int = 0, queue_url: str | None = None, order: 
     queues = None
     if workers:
         queues = StageQueues(queue_url or default_queue_url(job), create=True)
-    for stage in (1, 2):
-        if queues is None:
+    if queues is None:
+        for stage in (1, 2):
             run_stage_here(job, stage, order)
-        else:
-            run_stage_with_pool(job, queues, stage, workers, idle_exit_s=idle_exit_s,
-                                visibility_timeout_s=visibility_timeout_s)
+    else:
+        run_with_pool(job, queues, workers, idle_exit_s=idle_exit_s, visibility_timeout_s=visibility_timeout_s)
     return complete(job, queues, time.perf_counter() - started)

@@ -191,7 +191,8 @@ def test_jobs_sharing_a_scratch_url_keep_to_their_own_partial_sums(make_spec, tm
     for job in jobs:
         _assert_equals_reference(job)
     assert [p.name for p in scratch.rglob("*") if p.is_file()] == ["keep.txt"]
-    assert [p.name for p in scratch.rglob("*") if p.is_dir()] == [job.id for job in jobs if (scratch / job.id).is_dir()]
+    assert sorted(p.name for p in scratch.rglob("*") if p.is_dir()) == sorted(
+        job.id for job in jobs if (scratch / job.id).is_dir())  # no per-chunk piece folders left
 
 
 @pytest.mark.parametrize("case", ["output is the input", "scratch is the input", "scratch is the output",
