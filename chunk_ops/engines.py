@@ -131,7 +131,11 @@ class TorchEngine:
             raise ModelError("inference.device is 'cuda' but no CUDA device is available")
         self._torch = torch
         self.device = torch.device(device)
-        self.module = module.to(self.device).eval()
+        self.module = module.to(self.device)
+        try:
+            self.module.eval()
+        except NotImplementedError:  # a torch.export program's module(): its graph keeps the mode it was exported in
+            pass
         self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
         if self.autocast_dtype is torch.float16 and self.device.type == "cpu":
             raise ModelError("inference.precision 'float16' needs a CUDA device; use 'bfloat16' on CPUs")

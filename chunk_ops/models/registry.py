@@ -97,10 +97,14 @@ def _sha256_of_file(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def definition_sha256(definition: str) -> str:
-    """The sha256 of the file that defines the network (checked against the allowlist first)."""
+def definition_sha256(definition: str, expected_sha256: str | None = None) -> str:
+    """The sha256 of the file that defines the network (checked against the allowlist first);
+    with ``expected_sha256`` (the job's), a source changed since raises ModelError."""
     check_allowed(definition)
-    return _sha256_of_file(_source_path(_split(definition)[0]))
+    path = _source_path(_split(definition)[0])
+    actual = _sha256_of_file(path)
+    _check_source(path, actual, expected_sha256)
+    return actual
 
 
 def _load_file(path: str, expected_sha256: str | None) -> ModuleType:

@@ -1,12 +1,17 @@
 """CPU engines (OpenVINO, ONNX Runtime) against PyTorch, engine choice, and bad models.
 
 The network is the bundled, trained RSUNet (inputs: synthetic EM patches), or small
-TorchScript nets, traced and scripted.
+TorchScript nets, traced and scripted, and torch.export programs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +20,7 @@ import torch
 
 from chunk_ops.engines import ModelError
 from chunk_ops.job import Job
+from chunk_ops.models import loading
 from chunk_ops.models.demo import bundled_model_spec, bundled_weights
 from chunk_ops.models.export import cache_dir, export_onnx
 from chunk_ops.models.loading import choose_engine, load_predictor, read_model_bytes, torch_module
@@ -82,6 +88,39 @@ def test_auto_picks_openvino_on_a_cpu_worker_and_logs_it(caplog):
         predictor = load_predictor(spec)
     assert predictor.engine.name.startswith("openvino-cpu")
     assert f"engine {predictor.engine.name}" in caplog.text
+
+
+def test_auto_asks_torch_for_cuda_only_where_gpu_device_nodes_exist(monkeypatch):
+    spec = dataclasses.replace(_spec("auto"), device="auto")
+    monkeypatch.setattr(loading, "may_have_gpu", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("asked torch for CUDA"))
+    assert choose_engine(spec) == "openvino"
+    monkeypatch.setattr(loading, "may_have_gpu", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_engine(spec) == "pytorch"
+
+
+def _not_built(*args, **kwargs):
+    raise AssertionError("the torch model was built, though its conversion is cached")
+
+
+def test_a_cached_conversion_neither_builds_the_torch_model_nor_imports_torch(make_spec, monkeypatch, tmp_path):
+    monkeypatch.setenv("CHUNK_OPS_CACHE", str(tmp_path / "cache"))
+    doc = make_spec(out_channels=2)  # format pytorch: TinyConvNet and its state_dict
+    doc["inference"]["engine"] = "openvino"
+    spec = parse_spec(doc)
+    x = np.random.default_rng(1).random((3, 1, 4, 12, 12), dtype=np.float32)
+    first = load_predictor(spec)(x)  # converts, and fills the cache
+    monkeypatch.setattr(loading, "torch_module", _not_built)
+    assert np.array_equal(load_predictor(spec)(x), first)
+    # a worker process starting with the cache warm: torch stays unimported (~1 s of startup)
+    script = ("import json, sys; from chunk_ops.models.loading import load_predictor; "
+              "from chunk_ops.spec import parse_spec; load_predictor(parse_spec(json.loads(sys.argv[1]))); "
+              "print('torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", script, json.dumps(doc)], capture_output=True, text=True,
+                         env=os.environ.copy(), timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
 
 
 def test_the_onnx_export_is_cached_and_reused(monkeypatch, tmp_path):
@@ -253,23 +292,29 @@ def test_torchscript_models_run_on_the_cpu_engines(tmp_path, kind, engine):
         assert np.abs(predictor(batch) - reference(batch)).max() <= 1e-4
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", "torch_export"])
 @pytest.mark.parametrize("engine,kind", [("openvino", "openvino"), ("onnxruntime", "onnx")])
-def test_a_torchscript_conversion_is_cached_and_reused(monkeypatch, tmp_path, engine, kind):
+def test_a_torchscript_or_torch_export_conversion_is_cached_and_reused(monkeypatch, tmp_path, engine, kind, fmt):
     monkeypatch.setenv("CHUNK_OPS_CACHE", str(tmp_path / "cache"))
-    spec = _spec(engine, model=_torchscript(tmp_path, "traced"))
+    model = _torchscript(tmp_path, "traced") if fmt == "torchscript" else _torch_export(tmp_path)
+    spec = _spec(engine, model=model)
     load_predictor(spec)
     converted = [p for p in (cache_dir() / kind).iterdir() if p.suffix != ".lock"]
     assert {p.suffix for p in converted} == ({".xml", ".bin"} if kind == "openvino" else {".onnx"})
     for p in converted:  # rewritten: a second conversion would replace them
         p.write_bytes(p.read_bytes())
     before = {p: p.stat().st_mtime_ns for p in converted}
+    monkeypatch.setattr(loading, "torch_module", _not_built)  # nor is the model loaded again
     assert load_predictor(spec).engine.name == f"{engine}-cpu-float32"
     assert {p: p.stat().st_mtime_ns for p in (cache_dir() / kind).iterdir() if p.suffix != ".lock"} == before
 
 
-def test_a_torchscript_model_no_cpu_engine_takes_runs_on_pytorch_with_one_warning(monkeypatch, tmp_path, caplog):
+@pytest.mark.parametrize("fmt,op,onnx_op", [("torchscript", "aten::special_i1e", "aten::special_i1e"),
+                                           ("torch_export", "aten.special_i1e.default", "prims.bessel_i1e")])
+def test_a_model_no_cpu_engine_takes_runs_on_pytorch_with_one_warning(monkeypatch, tmp_path, caplog, fmt, op, onnx_op):
     monkeypatch.setenv("CHUNK_OPS_CACHE", str(tmp_path / "cache"))
-    model = _torchscript(tmp_path, "unconvertible")
+    make = _torchscript if fmt == "torchscript" else _torch_export
+    model = make(tmp_path, "unconvertible")
     with caplog.at_level(logging.INFO, logger="chunk_ops"):
         workers = [load_predictor(_spec("auto", model=model)) for _ in range(2)]  # two workers of one machine
     assert [w.engine.name for w in workers] == ["torch-cpu-float32"] * 2
@@ -278,9 +323,53 @@ def test_a_torchscript_model_no_cpu_engine_takes_runs_on_pytorch_with_one_warnin
     assert len(warnings) == 1, warnings
     assert warnings[0] == ("cannot convert the model for engine 'openvino': openvino.convert_model "
                            f"{__import__('openvino').__version__}: OpConversionFailure: No conversion rule found "
-                           "for operations: aten::special_i1e; running it on PyTorch")
+                           f"for operations: {op}; running it on PyTorch")
     # the second worker read the failure from the cache: it says why, without a warning
     assert [r.getMessage() for r in ours if "running it on PyTorch" in r.getMessage()] == warnings * 2
-    for engine in ("openvino", "onnxruntime"):  # asked for by name, it is an error naming the op
-        with pytest.raises(ModelError, match=rf"cannot convert the model for engine '{engine}'.*aten::special_i1e"):
+    for engine, name in (("openvino", op), ("onnxruntime", onnx_op)):  # asked for by name: an error naming the op
+        with pytest.raises(ModelError, match=rf"cannot convert the model for engine '{engine}'.*{name}"):
             load_predictor(_spec(engine, model=model))
+
+
+# --- torch.export programs -----------------------------------------------------------------------
+
+def _torch_export(folder: Path, kind: str = "tiny", batch: int | None = None) -> dict:
+    """A torch.export file of a small conv net (TinyConvNet, or _Unconvertible), as a job spec's
+    model (patch x,y,z 24, 24, 8): its batch dimension dynamic, or static at ``batch``."""
+    torch.manual_seed(0)
+    net = (nets.TinyConvNet(1, 2) if kind == "tiny" else _Unconvertible()).eval()
+    dynamic = None if batch else ({0: torch.export.Dim("batch")},)
+    program = torch.export.export(net, (torch.zeros(batch or 2, 1, 8, 24, 24),), dynamic_shapes=dynamic)
+    path = folder / f"{kind}-{batch or 'dynamic'}.pt2"
+    torch.export.save(program, path)
+    return {"path": str(path), "format": "torch_export", "input_patch": [24, 24, 8], "out_channels": 2}
+
+
+def _eager(x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return nets.TinyConvNet(1, 2).eval()(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("engine,name", [("pytorch", "torch"), ("openvino", "openvino"),
+                                         ("onnxruntime", "onnxruntime"), ("auto", "openvino")])
+def test_torch_export_programs_run_on_every_engine(tmp_path, engine, name):
+    x = np.random.default_rng(5).random((3, 1, 8, 24, 24), dtype=np.float32)
+    predictor = load_predictor(_spec(engine, model=_torch_export(tmp_path)))
+    assert predictor.engine.name == f"{name}-cpu-float32"
+    out = np.concatenate([predictor(x[:2]), predictor(x[2:])])  # a batch, and a chunk's partial last one
+    assert np.abs(out - _eager(x)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("engine", ["pytorch", "openvino", "onnxruntime"])
+def test_a_torch_export_program_with_a_static_batch_runs_that_batch_only(tmp_path, engine):
+    model = _torch_export(tmp_path, batch=2)
+    with pytest.raises(ModelError) as refused:
+        load_predictor(_spec(engine, model=model, batch_size=3))
+    assert str(refused.value) == (
+        f"model file {model['path']!r} does not fit the job: the model's batch size is fixed at 2, but "
+        "inference.batch_size is 3; export it with a dynamic batch dimension (torch.export.export(module, "
+        "(example,), dynamic_shapes=({0: torch.export.Dim('batch')},))) or set inference.batch_size to 2")
+    predictor = load_predictor(_spec(engine, model=model, batch_size=2))  # as the message says
+    x = np.random.default_rng(6).random((3, 1, 8, 24, 24), dtype=np.float32)
+    out = np.concatenate([predictor(x[:2]), predictor(x[2:])])  # the partial last batch is padded
+    assert np.abs(out - _eager(x)).max() <= 1e-5

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,10 @@ import torch
 
 from chunk_ops.engines import ModelError, TorchEngine, cpu_has_bf16
 from chunk_ops.job import Job
+from chunk_ops.models.loading import load_predictor
 from chunk_ops.models.rsunet import RSUNet
 from chunk_ops.pipeline import run_job
+from chunk_ops.spec import parse_spec
 from chunk_ops.volumes import open_volume
 from tests.chunk_ops import nets
 
@@ -23,6 +27,10 @@ def _export(net: torch.nn.Module, fmt: str, folder: Path, patch_zyx, dynamic_bat
     if fmt == "torchscript":
         path = folder / "net.ts"
         torch.jit.save(torch.jit.trace(net, example), path)
+    elif fmt == "torch_export":
+        path = folder / "net.pt2"
+        dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+        torch.export.save(torch.export.export(net, (example.expand(2, -1, -1, -1, -1),), dynamic_shapes=dynamic), path)
     else:
         path = folder / "net.onnx"
         axes = {"x": {0: "n"}, "y": {0: "n"}} if dynamic_batch else None
@@ -31,7 +39,7 @@ def _export(net: torch.nn.Module, fmt: str, folder: Path, patch_zyx, dynamic_bat
     return path
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["torchscript", "torch_export", "onnx"])
 def test_every_format_gives_the_same_volume(make_spec, tmp_path, fmt):
     reference_spec = make_spec(out_channels=2, output="from-state-dict")
     reference = Job.open(reference_spec)
@@ -78,6 +86,62 @@ def test_state_dicts_load_with_weights_only(make_spec, tmp_path):
     with pytest.raises(ModelError, match="is not a readable state_dict"):
         run_job(Job.open(spec))
     assert not (tmp_path / "marker").exists()
+
+
+def _pt2_with(folder: Path, marker: Path, part: str) -> Path:
+    """A torch.export file of TinyConvNet (batch dynamic) with ``part`` made to write ``marker`` when
+    torch.export.load reads it or its program runs; ``part`` "" leaves it as torch.export.save wrote it."""
+    net = nets.TinyConvNet().eval()
+    program = torch.export.export(net, (torch.zeros(2, 1, 4, 12, 12),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    saved = io.BytesIO()
+    torch.export.save(program, saved)
+    payload = _Payload()
+    payload.marker = str(marker)
+    code = f"__import__('pathlib').Path({str(marker)!r}).write_text('pwned')"
+    path = folder / f"{part or 'plain'}.pt2"
+    with zipfile.ZipFile(saved) as source, zipfile.ZipFile(path, "w") as tampered:
+        for name in source.namelist():
+            data = source.read(name)
+            if name.endswith("models/model.json"):
+                doc = json.loads(data)
+                if part == "guard":  # exec'd by program.module()
+                    doc["guards_code"] = [code]
+                elif part == "shape expression":  # parsed by sympy, i.e. eval'd, while loading
+                    data = json.dumps(doc).replace('"Symbol(\'s', f'"{code} or Symbol(\'s', 1).encode()
+                    doc = json.loads(data)
+                elif part == "graph call":  # the loader resolves targets by name under torch
+                    doc["graph_module"]["graph"]["nodes"][0]["target"] = "torch.os.getcwd"
+                data = json.dumps(doc).encode()
+            elif name.endswith("sample_inputs/model.pt") and part == "pickle":
+                buffer = io.BytesIO()
+                torch.save({"x": payload}, buffer)
+                data = buffer.getvalue()
+            tampered.writestr(name, data)
+        if part == "compiled code":
+            tampered.writestr(f"{source.namelist()[0].split('/')[0]}/data/aotinductor/model/model.so", b"\x7fELF")
+    return path
+
+
+@pytest.mark.parametrize("part,why", [
+    ("pickle", "is a pickle of more than tensors"),
+    ("guard", "a guard is not a comparison of input sizes"),
+    ("shape expression", "a shape expression is not plain arithmetic"),
+    # torch's verifier refuses it while loading; chunk_ops checks again, should a later torch allow more
+    ("graph call", "(is refused: its graph calls|is not a readable torch.export file: SpecViolationError: "
+                   "Operator) '?<built-in function getcwd>'?"),
+    ("compiled code", "compiled code"),
+])
+def test_a_torch_export_file_that_would_run_code_is_refused_before_it_runs(make_spec, tmp_path, part, why):
+    doc = make_spec()
+    del doc["model"]["definition"], doc["model"]["kwargs"]
+    marker = tmp_path / "marker"
+    x = np.random.default_rng(0).random((3, 1, 4, 12, 12), dtype=np.float32)
+    doc["model"].update(path=str(_pt2_with(tmp_path, marker, "")), format="torch_export")
+    assert load_predictor(parse_spec(doc))(x).shape == x.shape  # torch.export.save's own file loads
+    doc["model"]["path"] = str(_pt2_with(tmp_path, marker, part))
+    with pytest.raises(ModelError, match=why if part == "graph call" else f"is refused: .*{why}"):
+        load_predictor(parse_spec(doc))(x)
+    assert not marker.exists()
 
 
 def test_bfloat16_autocast_stays_close_to_float32_or_is_refused_where_emulated():
