@@ -177,7 +177,7 @@ class Job:
 
     @cached_property
     def scratch(self) -> CloudFiles:
-        return CloudFiles(self.scratch_url)
+        return storage.files_at(self.scratch_url)
 
     @property
     def blend(self) -> BlendMode:

@@ -14,9 +14,8 @@ from cloudfiles import CloudFiles
 from cloudvolume import Bbox, CloudVolume, chunks
 from cloudvolume.datasource.precomputed.common import cdn_cache_control, content_type
 from cloudvolume.exceptions import EmptyVolumeException, InfoUnavailableError, ScaleUnavailableError
-from cloudvolume.threaded_queue import DEFAULT_THREADS
 
-from .. import storage  # noqa: F401  file:// blocks are written whole (temporary name, rename)
+from .. import storage  # file:// blocks are written whole (temporary name, rename)
 from ..geometry import Box, ChunkPlan, Vec3
 from .base import MissingBlock, Volume, VolumeError, plain_resolution
 
@@ -100,9 +99,7 @@ class PrecomputedVolume(Volume):
              "content": chunks.encode(xyzc[Box(block.start - box.start, block.stop - box.start).to_slices()], "raw")}
             for block in ChunkPlan(box, self.block_size, self.bounds.start)
         ]
-        threads = 0 if meta.path.protocol == "file" else DEFAULT_THREADS  # as cloud-volume's upload
-        CloudFiles(self._cv.cloudpath, progress=False, parallel=1, num_threads=threads,
-                   secrets=self._cv.config.secrets).puts(
+        storage.files_at(self._cv.cloudpath, progress=False, secrets=self._cv.config.secrets).puts(
             files, content_type=content_type("raw"), compress="gzip", compression_level=1,
             cache_control=cdn_cache_control(self._cv.cdn_cache),
         )
