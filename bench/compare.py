@@ -183,17 +183,17 @@ def build_env() -> Path:
     return python
 
 
-def run_ours(work: Path, image_url: str, engine: str, blend: str) -> tuple[float, np.ndarray, dict]:
+def run_ours(work: Path, image_url: str, engine: str, blend: str, precision: str) -> tuple[float, np.ndarray, dict]:
     """``chunk-ops run`` as a command; returns wall seconds, the output and the run report."""
     from chunk_ops.geometry import Box
     from chunk_ops.models.demo import write_demo_job
     from chunk_ops.volumes import open_volume
 
-    job_dir = work / f"ours_{engine}_{blend}"
+    job_dir = work / f"ours_{engine}_{blend}_{precision}"
     job_dir.mkdir(parents=True)
     spec = write_demo_job(job_dir, image_url, f"file://{job_dir}/out")
     spec["postprocess"] = {"segmentation": {"method": "none"}, "pyramid_levels": 0}
-    spec["inference"].update(engine=engine, blend=blend)
+    spec["inference"].update(engine=engine, blend=blend, precision=precision)
     (job_dir / "job.json").write_text(json.dumps(spec))
     cli = Path(sys.executable).with_name("chunk-ops")
     t0 = time.perf_counter()
@@ -205,7 +205,8 @@ def run_ours(work: Path, image_url: str, engine: str, blend: str) -> tuple[float
     return seconds, out.read(Box.from_dict(out.bounds.to_dict())), report
 
 
-def bare_forward(padded: np.ndarray, origins: list[tuple[int, int, int]], engine: str, batch: int) -> tuple[float, str]:
+def bare_forward(padded: np.ndarray, origins: list[tuple[int, int, int]], engine: str, batch: int,
+                 precision: str) -> tuple[float, str]:
     """Seconds for the forward passes alone over the given input patch origins (z y x)."""
     from chunk_ops.models.demo import bundled_model_spec, bundled_weights
     from chunk_ops.models.loading import load_predictor
@@ -214,7 +215,7 @@ def bare_forward(padded: np.ndarray, origins: list[tuple[int, int, int]], engine
     spec = parse_spec({
         "input": {"url": "file:///unused"}, "output": {"url": "file:///unused-out", "block_size": [64, 64, 8]},
         "model": bundled_model_spec(bundled_weights()),
-        "inference": {"engine": engine, "batch_size": batch, "device": "cpu"},
+        "inference": {"engine": engine, "batch_size": batch, "device": "cpu", "precision": precision},
     })
     predictor = load_predictor(spec)
     x = padded.astype(np.float32) / 255
@@ -244,8 +245,12 @@ def interior_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.nanmax(np.abs(a[inner].astype(np.float64) - b[inner])))
 
 
-OURS = [("pytorch", "gaussian"), ("openvino", "gaussian"), ("onnxruntime", "gaussian"), ("pytorch", "bump")]
-BARE = [("pytorch", 1), ("pytorch", 2), ("openvino", 2), ("onnxruntime", 2)]
+OURS = [("pytorch", "gaussian", "float32"), ("openvino", "gaussian", "float32"),
+        ("onnxruntime", "gaussian", "float32"), ("pytorch", "bump", "float32")]
+BARE = [("pytorch", 1, "float32"), ("pytorch", 2, "float32"), ("openvino", 2, "float32"), ("onnxruntime", 2, "float32")]
+# on a CPU with bf16 units: the measured bf16 choice (docs/precision.md), end to end and bare
+OURS_BF16 = [("openvino", "gaussian", "bfloat16")]
+BARE_BF16 = [("openvino", 2, "bfloat16")]
 MONAI_LABELS = {
     "monai": "MONAI sliding_window_inference (gaussian, 128x128x16 window, batch 1: its default)",
     "monai_b2": "MONAI sliding_window_inference (gaussian, 128x128x16 window, batch 2)",
@@ -256,6 +261,7 @@ MONAI_LABELS = {
 def measure(shape: tuple[int, int, int], work: Path, python: Path, rounds: int) -> dict:
     """Every tool once per round, round-robin, so drift on a shared machine hits all alike;
     seconds are the median over rounds, outputs those of the last round."""
+    from chunk_ops.engines import cpu_has_bf16
     from chunk_ops.geometry import Box
     from chunk_ops.sample import write_sample
     from chunk_ops.volumes import open_volume
@@ -268,6 +274,8 @@ def measure(shape: tuple[int, int, int], work: Path, python: Path, rounds: int) 
     np.save(work / "padded.npy", padded)
     origins = patch_origins(padded.shape)
     voxels = int(np.prod(shape))
+    bf16 = cpu_has_bf16()
+    ours_keys, bare_keys = OURS + (OURS_BF16 if bf16 else []), BARE + (BARE_BF16 if bf16 else [])
     times: dict = {}
     peers: dict = {}
     ours: dict = {}
@@ -279,14 +287,14 @@ def measure(shape: tuple[int, int, int], work: Path, python: Path, rounds: int) 
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             peers[peer] = json.loads((work / f"{peer}.json").read_text())
             times.setdefault(peer, []).append(peers[peer].get("seconds"))
-        for key in OURS:
+        for key in ours_keys:
             seconds, outputs[key], ours[key] = run_ours(work / f"round{r}", image_url, *key)
             times.setdefault(key, []).append(seconds)
-        for key in BARE:
+        for key in bare_keys:
             seconds, names[key] = bare_forward(padded, origins, *key)
             times.setdefault(key, []).append(seconds)
     median = {k: (statistics.median(v) if None not in v else None) for k, v in times.items()}
-    ref_gauss, ref_bump = outputs[("pytorch", "gaussian")], outputs[("pytorch", "bump")]
+    ref_gauss, ref_bump = outputs[("pytorch", "gaussian", "float32")], outputs[("pytorch", "bump", "float32")]
     cf = peers["chunkflow"]
     rows = [{"tool": "chunkflow 1.2.0 Inferencer (pytorch, batch 1, bump)", "kind": "in memory",
              "seconds": median["chunkflow"], "against": "ours pytorch bump", "error": cf.get("error"),
@@ -294,23 +302,25 @@ def measure(shape: tuple[int, int, int], work: Path, python: Path, rounds: int) 
     for peer, label in MONAI_LABELS.items():
         rows.append({"tool": label, "kind": "in memory", "seconds": median[peer], "against": "ours pytorch gaussian",
                      "diff": interior_diff(np.load(work / f"{peer}.npy"), ref_gauss)})
-    for engine, blend in OURS:
-        rows.append({"tool": f"chunk-ops run, {engine} ({blend})", "kind": "command, I/O included",
-                     "seconds": median[(engine, blend)], "against": f"ours pytorch {blend}",
-                     "diff": interior_diff(outputs[(engine, blend)], ref_bump if blend == "bump" else ref_gauss)})
-    for engine, batch in BARE:
-        rows.append({"tool": f"bare forward, {names[(engine, batch)]}, batch {batch}", "kind": "forward passes only",
-                     "seconds": median[(engine, batch)], "diff": None, "against": ""})
+    for key in ours_keys:
+        engine, blend, precision = key
+        label = engine if precision == "float32" else f"{engine} {precision}"
+        rows.append({"tool": f"chunk-ops run, {label} ({blend})", "kind": "command, I/O included",
+                     "seconds": median[key], "against": f"ours pytorch {blend}",
+                     "diff": interior_diff(outputs[key], ref_bump if blend == "bump" else ref_gauss)})
+    for key in bare_keys:
+        rows.append({"tool": f"bare forward, {names[key]}, batch {key[1]}", "kind": "forward passes only",
+                     "seconds": median[key], "diff": None, "against": ""})
     for row in rows:
         row["mvox_s"] = voxels / row["seconds"] / 1e6 if row.get("seconds") else None
     # the worker path's seconds besides the network (read, blend, write of both stages) per
     # output voxel, from the openvino run's report: on a GPU worker they stay on the CPU
-    report = ours[("openvino", "gaussian")]
+    report = ours[("openvino", "gaussian", "float32")]
     phases = sum(report[st][k] for st in ("stage1", "stage2") for k in ("read_s", "infer_s", "blend_s", "write_s"))
     return {"ours_fixed_s_per_voxel": (phases - report["stage1"]["infer_s"]) / report["voxels"],
             "shape": shape, "voxels": voxels, "patches": len(origins), "rows": rows, "peers": peers,
-            "rounds": rounds, "chunk_ops_patches": ours[("pytorch", "gaussian")]["patches_evaluated"],
-            "amplification_run": ours[("pytorch", "gaussian")]["amplification"]}
+            "rounds": rounds, "chunk_ops_patches": ours[OURS[0]]["patches_evaluated"],
+            "amplification_run": ours[OURS[0]]["amplification"], "bf16": bf16}
 
 
 # ---------------------------------------------------------------- amplification and cost
@@ -371,40 +381,11 @@ def cost_model(amp: dict, chunkflow_efficiency: float, ours_efficiency: float) -
 # ---------------------------------------------------------------- report
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Horizontal bars of Mvoxel/s per tool and engine (matplotlib, else PIL)."""
-    data = [(r["tool"], r["mvox_s"]) for r in rows if r["mvox_s"]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _plot_pil(data, path)
-        return
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(data) + 1.2))
-    ax.barh([d[0] for d in data][::-1], [d[1] for d in data][::-1], color="#4a7ab5")
-    ax.set_xlabel("Mvoxel/s (output voxels)")
-    ax.set_title("Throughput on one CPU machine (see docs/benchmarks.md)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """Mvoxel/s per tool and engine."""
+    from bench._report import bar_chart
 
-
-def _plot_pil(data: list[tuple[str, float]], path: Path) -> None:
-    from PIL import Image, ImageDraw
-
-    width, label_w, bar_h = 1250, 660, 22
-    img = Image.new("RGB", (width, bar_h * len(data) + 40), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((5, 5), "Throughput, Mvoxel/s of output voxels (one CPU machine; see docs/benchmarks.md)", fill="black")
-    top = max(v for _, v in data)
-    for i, (name, value) in enumerate(data):
-        y = 25 + i * bar_h
-        draw.text((5, y + 4), name, fill="black")
-        draw.rectangle([label_w, y + 2, label_w + int((width - label_w - 80) * value / top), y + bar_h - 4],
-                       fill=(74, 122, 181))
-        draw.text((label_w + int((width - label_w - 80) * value / top) + 5, y + 4), f"{value:.3f}", fill="black")
-    img.save(path)
+    bar_chart([(r["tool"], r["mvox_s"]) for r in rows if r["mvox_s"]], path,
+              "Throughput, Mvoxel/s of output voxels (one CPU machine; see docs/benchmarks.md)")
 
 
 def machine() -> str:
@@ -446,9 +427,25 @@ def markdown(m: dict, amp: dict, costs: list[dict], command: str, busy: bool) ->
         diff = f"{r['diff']:.1e}" if r["diff"] is not None else ""
         lines.append(f"| {r['tool']} | {r['kind']} | {r['seconds']:.1f} | {r['mvox_s']:.3f} | {ratio(r, monai)} | "
                      f"{ratio(r, cf)} | {diff} | {r['against']} |")
+    def row(prefix: str) -> dict | None:
+        return next((r for r in m["rows"] if r["tool"].startswith(prefix) and r.get("mvox_s")), None)
+
+    goals = [("default CPU engine (openvino float32) end to end", row("chunk-ops run, openvino (gaussian)"), 1.5),
+             ("pytorch engine end to end", row("chunk-ops run, pytorch (gaussian)"), 0.9)]
+    if m.get("bf16"):
+        goals.append(("openvino bfloat16 end to end (bf16 CPU)", row("chunk-ops run, openvino bfloat16"), 3.0))
+    lines += ["", "Goals (against MONAI's in-memory sliding window at batch 2, fp32):", ""]
+    for what, r, goal in goals:
+        if r is not None:
+            got = r["mvox_s"] / monai["mvox_s"]
+            lines.append(f"- {what}: **{got:.2f}x** MONAI (goal >= {goal}x: {'met' if got >= goal else 'NOT met'})")
+    if not m.get("bf16"):
+        lines.append("- bfloat16: this CPU has no bf16 units, so the bf16 goal (>= 3x) is not measured here.")
     lines += ["", "Reading the table: ours are command wall times (process start, model load and conversion, "
               "volume reads and writes, both stages), the peers' are in-memory calls. Torch eager on this CPU runs "
-              "this network several times slower per patch at batch 1 than at batch 2 (the two bare torch rows); "
+              "this network several times slower per patch at batch 1 than at batch 2 (the two bare torch rows: "
+              "torch.profiler shows 15 of its 17 convolutions in `aten::slow_conv3d_forward` at batch 1, in oneDNN "
+              "at batch 2); "
               "chunkflow 1.2.0 allows only batch 1, so that, more than its blending, sets its figure here. "
               "Differences: MONAI's plain gaussian blends the whole 128 x 128 x 16 output, borders included where "
               "the network saw the least context; with our window of the 96 x 96 x 12 centre it agrees with ours "

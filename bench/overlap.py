@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     from chunk_ops.spec import parse_spec
 
     spec = parse_spec({"input": {"url": "file:///unused"},
-                       "output": {"url": "file:///unused-out", "block_size": [64, 64, 12]},
+                       "output": {"url": "file:///unused-out", "block_size": [64, 64, 8]},
                        "model": bundled_model_spec(bundled_weights()), "inference": {"batch_size": 2}})
     predictor = load_predictor(spec)
     rng = np.random.default_rng(0)

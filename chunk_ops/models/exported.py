@@ -25,54 +25,50 @@ _ARITHMETIC = (ast.Expression, ast.Load, ast.Constant, ast.BinOp, ast.UnaryOp, a
                ast.operator, ast.unaryop, ast.cmpop, ast.boolop)
 
 
+def _only(text: str, allowed) -> bool:
+    """Whether ``text`` parses as a Python expression whose every node ``allowed`` accepts."""
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        return False
+    return all(allowed(node) for node in ast.walk(tree))
+
+
 def _sympy_expression_is_plain(text: str) -> bool:
     """Whether ``text`` (a shape expression, which the loader hands to sympy's eval) only builds
     sympy objects from numbers and symbol names: no attributes, no other calls, no other strings."""
     import sympy
     import torch.utils._sympy.functions as shape_functions
 
-    try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError:
-        return False
-    for node in ast.walk(tree):
+    def allowed(node: ast.AST) -> bool:
         if isinstance(node, ast.Name):
             obj = getattr(shape_functions, node.id, None) or getattr(sympy, node.id, None)
             sympy_thing = isinstance(obj, sympy.Basic) or isinstance(obj, type) and issubclass(obj, sympy.Basic)
-            if not (sympy_thing or re.fullmatch(r"[a-z]+\d+", node.id)):  # or a symbol, like s77
-                return False
-        elif isinstance(node, ast.Constant):
-            if isinstance(node.value, str) and not _SYMBOL.fullmatch(node.value):
-                return False
-        elif isinstance(node, ast.keyword):
-            if not isinstance(node.value, ast.Constant) or isinstance(node.value.value, str):
-                return False
-        elif not isinstance(node, (ast.Call, *_ARITHMETIC)):
-            return False
-    return True
+            return sympy_thing or re.fullmatch(r"[a-z]+\d+", node.id) is not None  # or a symbol, like s77
+        if isinstance(node, ast.Constant):
+            return not isinstance(node.value, str) or _SYMBOL.fullmatch(node.value) is not None
+        if isinstance(node, ast.keyword):
+            return isinstance(node.value, ast.Constant) and not isinstance(node.value.value, str)
+        return isinstance(node, (ast.Call, *_ARITHMETIC))
+
+    return _only(text, allowed)
 
 
 def _guard_is_plain(text: str) -> bool:
     """Whether ``text`` (a guard, which ``program.module()`` exec's) only compares input sizes:
     e.g. ``L['x'].size()[0] <= 8``."""
-    try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError:
-        return False
-    for node in ast.walk(tree):
+    def allowed(node: ast.AST) -> bool:
         if isinstance(node, ast.Name):
-            ok = node.id in _GUARD_NAMES
-        elif isinstance(node, ast.Attribute):
+            return node.id in _GUARD_NAMES
+        if isinstance(node, ast.Attribute):
             base = node.value.id if isinstance(node.value, ast.Name) else None
-            ok = (node.attr in ("size", "stride", "storage_offset") or base == "math" and not node.attr.startswith("_")
-                  or base == "torch" and node.attr.startswith("sym_"))
-        elif isinstance(node, ast.Constant):  # strings end up inside a generated "..." literal
-            ok = not isinstance(node.value, str) or re.fullmatch(r"\w*", node.value) is not None
-        else:
-            ok = isinstance(node, (ast.Call, ast.Subscript, *_ARITHMETIC))
-        if not ok:
-            return False
-    return True
+            return (node.attr in ("size", "stride", "storage_offset") or base == "math" and not node.attr.startswith("_")
+                    or base == "torch" and node.attr.startswith("sym_"))
+        if isinstance(node, ast.Constant):  # strings end up inside a generated "..." literal
+            return not isinstance(node.value, str) or re.fullmatch(r"\w*", node.value) is not None
+        return isinstance(node, (ast.Call, ast.Subscript, *_ARITHMETIC))
+
+    return _only(text, allowed)
 
 
 def _check_pt2_archive(path: str, data: bytes) -> None:
