@@ -159,12 +159,14 @@ def run_with_pool(job: Job, queues: StageQueues, workers: int, *,
     neighbours have finished stage 1, so merges run alongside the network and the workers
     never stop and start between the stages.  Returns when the pool has gone idle."""
     enqueue(job, queues, 1)
+    done2 = job.done_mask(2)
+    if done2.all():  # a rerun of a finished job: nothing for a pool to do
+        return
     # share the cores: N processes each with every core's worth of threads thrash
     threads = str(local_share(workers))
     env = {**os.environ, THREADS_ENV: threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     command = worker_command(queues.url, idle_exit_s=idle_exit_s, visibility_timeout_s=visibility_timeout_s,
                              extra=("--spec-prefix", job.job_url + "/"))
-    done2 = job.done_mask(2)
     merges_from = 0
     pool = [subprocess.Popen(command, env=env) for _ in range(workers)]
     with Progress(2 * len(job.plan), "stage 1 and merges") as bar:
