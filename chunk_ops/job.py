@@ -269,6 +269,8 @@ class Job:
         """Delete exactly this job's partial sums: pieces named by its own chunks, nothing else."""
         def ours(name: str) -> bool:
             source, _, dest = name.partition("/")
+            if not dest:  # a whole partial sum, as jobs begun before the pieces stored them
+                return self._plan_chunk(source, ".npy") is not None
             return self._plan_chunk(source, "") is not None and self._plan_chunk(dest, ".npy") is not None
 
         self.scratch.delete([name for name in self.scratch.list() if ours(name)])

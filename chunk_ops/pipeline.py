@@ -185,9 +185,10 @@ def run_with_pool(job: Job, queues: StageQueues, workers: int, *,
                     proc.wait()
                 return
             if not running:
-                if not ready:
+                # the queues decide, not this poll: merges sent as the last worker idled out, or a
+                # task given back with a delay, still need workers (dead letters end it: bounded)
+                if not ready and queues.counts(1).pending + queues.counts(2).pending == 0:
                     return
-                # merges became ready as the pool went idle: they need workers again
                 pool = [subprocess.Popen(command, env=env) for _ in range(workers)]
             time.sleep(0.5)
 

@@ -175,6 +175,25 @@ def _check_graph_calls(path: str, program) -> None:
             if node.op == "call_function" and not allowed(node.target):
                 raise ModelError(f"model file {path!r} is refused: its graph calls {node.target!r}, not a torch "
                                  f"operator; chunk_ops runs torch.export programs of torch operators only")
+            if node.op == "call_function" and _in_training_mode(node):
+                raise ModelError(f"model file {path!r} was exported in training mode ({node.target} normalizes "
+                                 f"by batch or drops out): each patch's output would depend on its batch. "
+                                 f"Export it after module.eval()")
+
+
+def _in_training_mode(node) -> bool:
+    """A batch norm that uses batch statistics, or a dropout that drops: an export of a module
+    in training mode (``eval()`` cannot switch an exported program's graph)."""
+    name, args = str(node.target), node.args
+    if "batch_norm" in name:
+        if "_legit_no_training" in name:
+            return False
+        if "_legit_functional" in name or name.endswith("_native_batch_norm_legit.default"):
+            return True
+        return len(args) > 5 and args[5] is True  # (input, weight, bias, mean, var, training, ...)
+    if "dropout" in name:
+        return len(args) > 2 and args[2] is True  # (input, p, train)
+    return False
 
 
 def load_exported_program(path: str, data: bytes):

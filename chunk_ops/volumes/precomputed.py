@@ -85,8 +85,8 @@ class PrecomputedVolume(Volume):
     def _write_aligned(self, box: Box, data: np.ndarray) -> None:
         xyzc = data.transpose(3, 2, 1, 0)
         meta = self._cv.meta
-        # mem:// raw layers hold numpy arrays, not files: cloud-volume's own format there
-        if meta.encoding(self.mip) != "raw" or meta.path.protocol == "mem":
+        # mem:// raw layers hold numpy arrays, not files; sharded scales are written as shards
+        if meta.encoding(self.mip) != "raw" or meta.path.protocol == "mem" or meta.sharding(self.mip):
             self._cv[box.to_slices()] = xyzc
             return
         # Raw blocks are encoded and uploaded here because cloud-volume 12.15.2 drops

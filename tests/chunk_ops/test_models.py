@@ -122,6 +122,20 @@ def _pt2_with(folder: Path, marker: Path, part: str) -> Path:
     return path
 
 
+@pytest.mark.parametrize("layer", ["batch norm", "dropout"])
+def test_a_torch_export_program_exported_in_training_mode_is_refused(make_spec, tmp_path, layer):
+    """eval() cannot switch an exported graph: in training mode each patch would depend on its batch."""
+    extra = torch.nn.BatchNorm3d(1) if layer == "batch norm" else torch.nn.Dropout(0.5)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 3, padding=1), extra)
+    doc = make_spec()
+    del doc["model"]["definition"], doc["model"]["kwargs"]
+    doc["model"].update(path=str(_export(net.eval(), "torch_export", tmp_path, (4, 12, 12))), format="torch_export")
+    load_predictor(parse_spec(doc))  # the same network exported in eval mode loads
+    doc["model"]["path"] = str(_export(net.train(), "torch_export", tmp_path, (4, 12, 12)))
+    with pytest.raises(ModelError, match=r"exported in training mode .*Export it after module\.eval\(\)"):
+        load_predictor(parse_spec(doc))
+
+
 @pytest.mark.parametrize("part,why", [
     ("pickle", "is a pickle of more than tensors"),
     ("guard", "a guard is not a comparison of input sizes"),

@@ -94,3 +94,24 @@ def test_mem_layers_keep_cloudvolumes_in_memory_blocks(tmp_path):
     data = data_for("float32", 3, BOUNDS)
     PrecomputedVolume(url).write(BOUNDS, data)
     np.testing.assert_array_equal(PrecomputedVolume(url).read(BOUNDS), data)
+
+
+def test_a_sharded_scale_is_written_as_shards_by_cloud_volume(tmp_path):
+    """Loose block files in a sharded scale would be invisible to every reader."""
+    url = f"file://{tmp_path}/sharded"
+    info = CloudVolume.create_new_info(
+        num_channels=1, layer_type="image", data_type="uint8", encoding="raw", resolution=[4, 4, 40],
+        voxel_offset=[0, 0, 0], volume_size=[32, 32, 8], chunk_size=[16, 16, 4],
+    )
+    info["scales"][0]["sharding"] = {
+        "@type": "neuroglancer_uint64_sharded_v1", "preshift_bits": 0, "hash": "identity",
+        "minishard_bits": 0, "shard_bits": 0, "minishard_index_encoding": "gzip", "data_encoding": "gzip",
+    }
+    CloudVolume(url, info=info, progress=False).commit_info()
+    box = Box((0, 0, 0), (32, 32, 8))
+    data = np.random.default_rng(3).integers(0, 255, (1, 8, 32, 32), dtype=np.uint8)
+    PrecomputedVolume(url).write(box, data)
+    scale = Path(f"{tmp_path}/sharded") / CloudVolume(url).key
+    assert all(p.name.endswith(".shard") for p in scale.iterdir())
+    read = np.asarray(CloudVolume(url, progress=False)[0:32, 0:32, 0:8]).transpose(3, 2, 1, 0)
+    assert np.array_equal(read, data)
