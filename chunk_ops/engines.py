@@ -234,20 +234,19 @@ class OnnxRuntimeEngine:
 class OpenVinoEngine:
     """OpenVINO on CPU, compiled for the job's exact batch and patch (static shapes run fastest).
 
-    A partial last batch is padded with zeros.  ``bfloat16`` is asked for with
+    Its batch is static (``fixed_batch`` pads a partial last one).  ``bfloat16`` is asked for with
     ``INFERENCE_PRECISION_HINT`` (OpenVINO's default differs between CPUs, so it is
     always set); a CPU without bf16 units runs float32, and the name says so.  It runs on
     ``threads`` threads (``INFERENCE_NUM_THREADS``; OpenVINO ignores torch's and OpenMP's settings).
     """
 
-    def __init__(self, model, *, threads: int, batch_size: int, precision: str = "float32"):
+    def __init__(self, model, *, threads: int, precision: str = "float32"):
         import openvino as ov
 
         hint = {"float32": "f32", "bfloat16": "bf16"}.get(precision)
         if hint is None:
             raise ModelError(f"inference.precision {precision!r} is not available with engine openvino on CPUs; "
                              f"use 'float32' or 'bfloat16'")
-        self.batch_size = batch_size
         # LATENCY: one request uses every core; with our one synchronous caller it ran 2x THROUGHPUT here
         config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
         if threads < machine_cores():
@@ -257,7 +256,6 @@ class OpenVinoEngine:
         compiled = ov.Core().compile_model(model, "CPU", config)
         self.threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))
         self.request = compiled.create_infer_request()
-        self.input_shape = tuple(compiled.inputs[0].get_shape())
         ran_type = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         ran = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}.get(ran_type, ran_type)
         self.precision = ran
@@ -266,14 +264,41 @@ class OpenVinoEngine:
             self.name += f" ({precision} asked; this CPU has no {precision} support)"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        n = len(batch)
-        if n == self.input_shape[0]:
-            x = np.ascontiguousarray(batch, dtype=np.float32)
-        else:  # the last, partial batch of a chunk: pad, rather than compile a second shape
-            x = np.zeros(self.input_shape, np.float32)
-            x[:n] = batch
-        out = self.request.infer({0: x})[0]
-        return np.array(out[:n], dtype=np.float32)
+        out = self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        return np.array(out, dtype=np.float32)
+
+
+class FixedBatch:
+    """An engine whose model takes exactly ``size`` patches a batch (a static batch dimension):
+    a chunk's partial last batch is padded with zeros, and the padding's outputs dropped."""
+
+    def __init__(self, engine, size: int):
+        self.engine, self.size = engine, size
+
+    def __getattr__(self, name):  # name, threads, precision...: the engine's
+        return getattr(self.engine, name)
+
+    def _padded(self, batch: np.ndarray) -> np.ndarray:
+        if len(batch) == self.size:
+            return batch
+        padded = np.zeros((self.size, *batch.shape[1:]), np.float32)
+        padded[:len(batch)] = batch
+        return padded
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.engine(self._padded(batch))[:len(batch)]
+
+    def submit(self, batch: np.ndarray):
+        start = getattr(self.engine, "submit", None)
+        if start is None:
+            out = self(batch)
+            return lambda: out
+        result, n = start(self._padded(batch)), len(batch)
+        return lambda: result()[:n]
+
+
+def fixed_batch(engine, batch: int | None):
+    return FixedBatch(engine, batch) if batch is not None and batch > 1 else engine
 
 
 def _centre_crop_slices(have: tuple[int, ...], want: Vec3) -> tuple[slice, ...]:

@@ -89,7 +89,7 @@ def files_at(url: str, **options) -> "CloudFiles":
     starts one (20 threads) per call, about 100 ms, and threads gain nothing there."""
     from cloudfiles import CloudFiles
 
-    if url.startswith("file://") or "://" not in url:
+    if local_path(url) is not None:
         options.setdefault("num_threads", 0)
     return CloudFiles(url, **options)
 

@@ -33,7 +33,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from ..engines import (ModelError, OnnxRuntimeEngine, OpenVinoEngine, Predictor, TorchEngine, fixed_input_shape_error,
+from ..engines import (ModelError, OnnxRuntimeEngine, OpenVinoEngine, Predictor, TorchEngine, fixed_batch,
+                       fixed_input_shape_error,
                        worker_threads)
 from ..spec import JobSpec, ModelSpec
 from .registry import definition_sha256 as source_sha256
@@ -97,39 +98,6 @@ def torch_module(model: ModelSpec, data: bytes, definition_sha256: str | None = 
     return module
 
 
-class _FixedBatch:
-    """An engine whose model takes exactly ``size`` patches a batch (a static batch dimension):
-    a chunk's partial last batch is padded with zeros, and the padding's outputs dropped."""
-
-    def __init__(self, engine, size: int):
-        self.engine, self.size = engine, size
-
-    def __getattr__(self, name):  # name, threads, precision...: the engine's
-        return getattr(self.engine, name)
-
-    def _padded(self, batch: np.ndarray) -> np.ndarray:
-        if len(batch) == self.size:
-            return batch
-        padded = np.zeros((self.size, *batch.shape[1:]), np.float32)
-        padded[:len(batch)] = batch
-        return padded
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.engine(self._padded(batch))[:len(batch)]
-
-    def submit(self, batch: np.ndarray):
-        start = getattr(self.engine, "submit", None)
-        if start is None:
-            out = self(batch)
-            return lambda: out
-        result, n = start(self._padded(batch)), len(batch)
-        return lambda: result()[:n]
-
-
-def _fixed_batch(engine, batch: int | None):
-    return _FixedBatch(engine, batch) if batch is not None and batch > 1 else engine
-
-
 def _onnxruntime_engine(spec: JobSpec, onnx: bytes, threads: int):
     if spec.precision != "float32":
         raise ModelError(f"inference.precision {spec.precision!r} is not available with engine onnxruntime; "
@@ -140,7 +108,7 @@ def _onnxruntime_engine(spec: JobSpec, onnx: bytes, threads: int):
         raise ModelError(f"model file {spec.model.path!r} is not a readable ONNX model: {e}") from None
     shape = [d if isinstance(d, int) else None for d in engine.session.get_inputs()[0].shape]
     _check_fixed_shape(spec, shape)
-    return _fixed_batch(engine, shape[0])
+    return fixed_batch(engine, shape[0])
 
 
 def _openvino_engine(spec: JobSpec, model, threads: int) -> OpenVinoEngine:
@@ -161,7 +129,7 @@ def _openvino_engine(spec: JobSpec, model, threads: int) -> OpenVinoEngine:
     except Exception as e:
         raise ModelError(f"the model cannot take model.input_patch (x,y,z) "
                          f"{spec.model.input_patch.to_list()}: {e}") from None
-    return OpenVinoEngine(model, threads=threads, batch_size=spec.batch_size, precision=spec.precision)
+    return fixed_batch(OpenVinoEngine(model, threads=threads, precision=spec.precision), spec.batch_size)
 
 
 def _torch_engine(spec: JobSpec, module, threads: int):
@@ -172,7 +140,7 @@ def _torch_engine(spec: JobSpec, module, threads: int):
         _check_fixed_shape(spec, shape)
         module, batch = exported_module(module, spec.device), shape[0]
     engine = TorchEngine(module, threads=threads, device=spec.device, precision=spec.precision)
-    return _fixed_batch(engine, batch)
+    return fixed_batch(engine, batch)
 
 
 def _check_fixed_shape(spec: JobSpec, shape: list) -> None:
