@@ -100,7 +100,7 @@ def convert_openvino(model, in_channels: int, input_patch_zyx: tuple[int, int, i
     import torch
 
     if isinstance(model, torch.export.ExportedProgram):
-        from .loading import program_input_shape
+        from .exported import program_input_shape
 
         shape = [-1 if d is None else d for d in program_input_shape(model)]
         return ov.convert_model(model, input=[ov.PartialShape(shape)])
