@@ -151,6 +151,7 @@ def validate(job: dict, as_json: bool) -> None:
         f"scratch: up to {_bytes(plan.scratch_bytes)} of partial sums between the stages\n"
         f"time: {duration_text(plan.hours_here * 3600)} for one worker like this machine "
         f"({plan.patches_per_s} patches/s, engine {result['engine_here']})"
+        + "".join(f"\nwarning: {w}" for w in plan.warnings)
     ))
 
 

@@ -13,7 +13,9 @@ stores the spec.  What a job keeps next to its output::
                                        (a spec's scratch_url gets <scratch_url>/<job id>/)
     <output>/jobs/<job id>/done/stage<n>/<chunk id>.json
                                        done markers, with the task's timings (and, for
-                                       stage 1, the partial sum's sha256)
+                                       stage 1, the partial sum's sha256); the pyramid's
+                                       (stage 6) under done/stage6/mip<k>/
+    <output>/jobs/<job id>/progress/stage<n>/  the workers' tallies (:mod:`.tally`)
     <output>/jobs/<job id>/report.json what the run did
 
 The job id hashes everything that changes the output, so a rerun of the same job
@@ -40,6 +42,7 @@ from .models.loading import load_predictor, read_model_bytes
 from .models.loading import model_sha256 as sha256_of
 from .models.registry import definition_sha256 as source_sha256_of
 from .spec import JobSpec, SpecError, job_id, parse_spec
+from .task import PYRAMID
 from . import storage
 from .volumes import Volume, VolumeError, create_volume, layer_folder, open_volume, volume_exists
 
@@ -65,6 +68,7 @@ class Job:
     _model_bytes: bytes | None = field(default=None, repr=False)
     _predictor: Predictor | None = field(default=None, repr=False)
     _predictor_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _pyramid_plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     # --- opening: every check that writes nothing ---------------------------------
     @classmethod
@@ -89,11 +93,12 @@ class Job:
                 f"(bounds {source.bounds.to_dict()} at mip {spec.input_mip})"
             )
         segmentation = spec.segmentation
-        if segmentation["method"] != "none" and roi.size > segmentation["max_voxels"]:
+        if segmentation["method"] != "none" and segmentation["mode"] == "single" \
+                and roi.size > segmentation["max_voxels"]:
             raise SpecError(
                 f"postprocess.segmentation covers the region's {roi.size} voxels, more than its "
-                f"max_voxels {segmentation['max_voxels']} (one task segments the whole region); "
-                f"choose a smaller roi or method 'none'"
+                f"max_voxels {segmentation['max_voxels']} for mode 'single' (one task segments the "
+                f"whole region); use mode 'auto' or 'blockwise' (chunk tasks), or a smaller roi"
             )
         try:
             grid = PatchGrid(roi, spec.model.output_patch, spec.stride)
@@ -282,13 +287,14 @@ class Job:
                     with contextlib.suppress(OSError):
                         sub.rmdir()
 
-    def _plan_chunk(self, name: str, suffix: str) -> Box | None:
-        """The chunk of this job's plan that a stored name (a chunk id + ``suffix``) stands for, else None."""
+    def _plan_chunk(self, name: str, suffix: str, plan: ChunkPlan | None = None) -> Box | None:
+        """The chunk of ``plan`` (this job's) that a stored name (a chunk id + ``suffix``) stands for, else None."""
+        plan = plan or self.plan
         if not name.endswith(suffix) or "/" in name:
             return None
         try:
             box = Box.from_filename(name[: len(name) - len(suffix)])
-            self.plan.index_of(box)
+            plan.index_of(box)
         except (ValueError, IndexError):
             return None
         return box
@@ -296,42 +302,68 @@ class Job:
     def write_report(self, report: dict) -> None:
         CloudFiles(self.job_url).put_json("report.json", report)
 
+    # --- stages' plans ------------------------------------------------------------------
+    def stage_plan(self, stage: int, mip: int = 0) -> ChunkPlan:
+        """The boxes of a stage's tasks: the job's chunks, or (pyramid) the blocks of mip ``mip``."""
+        if stage != PYRAMID:
+            return self.plan
+        if mip not in self._pyramid_plans:  # each opens the level's info: once per job
+            from .downsample import pyramid_plan
+
+            self._pyramid_plans[mip] = pyramid_plan(self.spec.output_url, mip)
+        return self._pyramid_plans[mip]
+
+    def stage_levels(self, stage: int) -> list[int]:
+        """The mips a stage's tasks are at: [0], or the pyramid's levels (none for a format
+        that holds one level)."""
+        if stage != PYRAMID:
+            return [0]
+        from .volumes import supports_mips
+
+        return list(range(1, self.spec.postprocess["pyramid_levels"] + 1)) if supports_mips(self.spec.output_url) else []
+
+    def stage_total(self, stage: int) -> int:
+        """Tasks a stage has in all (the pyramid: the blocks of every level)."""
+        return sum(len(self.stage_plan(stage, mip)) for mip in self.stage_levels(stage))
+
     # --- done markers --------------------------------------------------------------
     @staticmethod
-    def _done_prefix(stage: int) -> str:
-        return f"done/stage{stage}/"
+    def _done_prefix(stage: int, mip: int = 0) -> str:
+        return f"done/stage{stage}/" + (f"mip{mip}/" if mip else "")
 
-    def mark_done(self, stage: int, chunk: Box, record: dict) -> None:
-        name = f"{self._done_prefix(stage)}{ChunkPlan.chunk_id(chunk)}.json"
+    def mark_done(self, stage: int, chunk: Box, record: dict, mip: int = 0) -> None:
+        name = f"{self._done_prefix(stage, mip)}{ChunkPlan.chunk_id(chunk)}.json"
         CloudFiles(self.job_url).put_json(name, record)
 
-    def done_record(self, stage: int, chunk: Box) -> dict | None:
+    def done_record(self, stage: int, chunk: Box, mip: int = 0) -> dict | None:
         """The chunk's done marker, if it is one: a JSON object with its finish time."""
-        data = CloudFiles(self.job_url).get(f"{self._done_prefix(stage)}{ChunkPlan.chunk_id(chunk)}.json")
+        data = CloudFiles(self.job_url).get(f"{self._done_prefix(stage, mip)}{ChunkPlan.chunk_id(chunk)}.json")
         return _valid_marker(data)
 
-    def is_done(self, stage: int, chunk: Box) -> bool:
-        return self.done_record(stage, chunk) is not None
+    def is_done(self, stage: int, chunk: Box, mip: int = 0) -> bool:
+        return self.done_record(stage, chunk, mip) is not None
 
-    def done_mask(self, stage: int) -> np.ndarray:
-        """One bool per plan index: is that chunk's stage done?  One listing, in bulk.
+    def done_mask(self, stage: int, mip: int = 0) -> np.ndarray:
+        """One bool per index of the stage's plan: is that task done?  One listing, in bulk.
 
         Names that are not this plan's markers (a stray file, a writer's temporary) are
         ignored; markers are written whole (see :mod:`.storage`), so a listed one is complete.
         """
-        mask = np.zeros(len(self.plan), bool)
-        prefix = self._done_prefix(stage)
-        for name in CloudFiles(self.job_url).list(prefix=prefix):
-            box = self._plan_chunk(name[len(prefix):], ".json")
+        plan = self.stage_plan(stage, mip)
+        mask = np.zeros(len(plan), bool)
+        prefix = self._done_prefix(stage, mip)
+        for name in storage.list_folder(CloudFiles(self.job_url), prefix):
+            box = self._plan_chunk(name[len(prefix):], ".json", plan)
             if box is not None:
-                mask[self.plan.index_of(box)] = True
+                mask[plan.index_of(box)] = True
         return mask
 
-    def done_records(self, stage: int) -> list[dict]:
+    def done_records(self, stage: int, mip: int = 0) -> list[dict]:
         """Every valid done marker of the stage, read and checked (verification and reports)."""
         cf = CloudFiles(self.job_url)
-        prefix = self._done_prefix(stage)
-        names = [n for n in cf.list(prefix=prefix) if self._plan_chunk(n[len(prefix):], ".json")]
+        prefix = self._done_prefix(stage, mip)
+        plan = self.stage_plan(stage, mip)
+        names = [n for n in storage.list_folder(cf, prefix) if self._plan_chunk(n[len(prefix):], ".json", plan)]
         records = (_valid_marker(r["content"]) for r in cf.get(names))
         return [r for r in records if r is not None]
 

@@ -14,25 +14,31 @@ report is rewritten from the markers.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from cloudfiles import CloudFiles
 
 from . import storage
-from .downsample import build_pyramid
+from .downsample import FACTOR, ensure_mips
 from .engines import THREADS_ENV, local_share
+from .geometry import Box, ChunkPlan, Vec3
 from .job import Job
 from .progress import Progress, event
 from .queues.stages import StageQueues
 from .report import neuroglancer_link, write_report
 from .segment import segment_job
-from .stages import RunReport, marker_record, run_stage1, run_stage2
-from .submit import check_stage_done, default_queue_url, enqueue_stage, report_from_markers
-from .task import Task
+from .stages import RunReport, lower_face_neighbours, marker_record, run_task
+from .submit import (StageIncomplete, StageWatch, check_output_blocks, check_stage_done, default_queue_url,
+                     enqueue_stage, run_report)
+from .tally import TallyWriter
+from .task import PYRAMID, STAGE_NAMES, Task
 from .volumes import layer_folder
 
 IN_PROCESS_POOL = "in-process"
@@ -66,9 +72,30 @@ class PlanEstimate:
     scratch_bytes: int  # peak: every stage-1 partial sum (float32) before the merge
     patches_per_s: float  # this machine, one worker, measured on the job's model
     hours_here: float  # one worker like this machine
+    warnings: list[str]  # what a person should know before starting it
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+MANY_CHUNKS = 1_000_000  # past this, each chunk's fixed costs (messages, markers) add up: say so
+REQUESTS_PER_CHUNK = 10  # queue requests: send, receive, a lease renewal per write, delete; two stages
+FILES_PER_CHUNK = 4  # a done marker and a tally write per stage
+
+
+def plan_warnings(job: Job) -> list[str]:
+    """Warnings about a job's shape: a chunk count whose fixed per-chunk costs add up."""
+    n = len(job.plan)
+    if n <= MANY_CHUNKS:
+        return []
+    size = job.spec.chunk_size
+    while len(ChunkPlan(job.roi, size, job.plan.origin)) > MANY_CHUNKS // 4 and size.x < job.roi.shape.x:
+        size = Vec3(size.x * 2, size.y * 2, size.z)
+    fewer = len(ChunkPlan(job.roi, size, job.plan.origin))
+    return [f"{n:,} chunks: about {REQUESTS_PER_CHUNK * n / 1e6:,.0f} million queue requests and "
+            f"{FILES_PER_CHUNK * n / 1e6:,.0f} million small files (done markers, tallies) besides the output; "
+            f"chunk_size {size.to_list()} gives {fewer:,} chunks (a multiple of the storage block "
+            f"{job.spec.block_size.to_list()}; partial sums grow with it)"]
 
 
 def estimate(job: Job, *, timing_batches: int = 2) -> PlanEstimate:
@@ -97,7 +124,7 @@ def estimate(job: Job, *, timing_batches: int = 2) -> PlanEstimate:
     rate = timing_batches * predictor.batch_size / (time.perf_counter() - t0)
     predictor.patches_evaluated = counted  # timing is not the job's work
     return PlanEstimate(len(job.plan), int(job.done_mask(2).sum()), len(job.grid), int(output), int(scratch),
-                        round(rate, 2), round(len(job.grid) / rate / 3600, 3))
+                        round(rate, 2), round(len(job.grid) / rate / 3600, 3), plan_warnings(job))
 
 
 # --- prepare ---------------------------------------------------------------------------
@@ -107,19 +134,23 @@ def prepare(job: Job) -> None:
 
 
 # --- stages ----------------------------------------------------------------------------
-def run_stage_here(job: Job, stage: int, order: list[int] | None = None) -> None:
-    """One stage in this process, chunk by chunk, skipping chunks already done."""
-    done = job.done_mask(stage)
-    indices = range(len(job.plan)) if order is None else order
+def run_stage_here(job: Job, stage: int, order: list[int] | None = None, mip: int = 0) -> None:
+    """One stage (of a pyramid: one level) in this process, task by task, skipping those done."""
+    plan = job.stage_plan(stage, mip)
+    done = job.done_mask(stage, mip)
+    indices = range(len(plan)) if order is None else [i for i in order if i < len(plan)]
     todo = [i for i in indices if not done[i]]
-    work = run_stage1 if stage == 1 else run_stage2
-    with Progress(len(job.plan), f"stage {stage}", initial=len(job.plan) - len(todo)) as bar:
+    tally = TallyWriter(job.job_url, stage, f"{IN_PROCESS_POOL}:{os.getpid()}:{uuid.uuid4().hex[:6]}", IN_PROCESS_POOL)
+    name = f"stage {stage} ({STAGE_NAMES[stage]}{f' mip {mip}' if mip else ''})"
+    with Progress(len(plan), name, unit="tasks", initial=len(plan) - len(todo)) as bar:
         for i in todo:
             started = time.time()
-            stats, extra = work(job, job.plan[i])
-            job.mark_done(stage, job.plan[i], marker_record(
-                job, stage, stats, extra, started=started, pool=IN_PROCESS_POOL, receive_count=1))
+            stats, extra = run_task(job, Task(job.id, job.spec_url, stage, plan[i], mip))
+            record = marker_record(job, stage, stats, extra, started=started, pool=IN_PROCESS_POOL, receive_count=1)
+            job.mark_done(stage, plan[i], record, mip)
+            tally.count(record)
             bar.update()
+    tally.close()
 
 
 def worker_command(queue_url: str, *, idle_exit_s: float = 3.0, visibility_timeout_s: float = 60.0,
@@ -195,31 +226,176 @@ def run_with_pool(job: Job, queues: StageQueues, workers: int, *,
 
 # --- after the merge --------------------------------------------------------------------
 def finish(job: Job, queues: StageQueues | None = None, wall_s: float | None = None) -> RunReport:
-    """Verify every chunk of both stages, remove the scratch and what killed writers left."""
-    records = {stage: check_stage_done(job, queues, stage) for stage in (1, 2)}  # every marker read once
+    """Verify the run (every chunk's markers of both stages, listed; every output block in
+    the region, listed), remove the scratch and what killed writers left; the summary."""
+    for stage in (1, 2):
+        check_stage_done(job, queues, stage)
+    check_output_blocks(job)
     job.remove_scratch()
     for url in (job.spec.output_url, job.job_url):
         folder = storage.local_path(url)
         if folder is not None and folder.is_dir():
             storage.sweep_temporaries(folder)
-    report = report_from_markers(job, wall_s, records)
+    report = run_report(job, wall_s)
     if queues is not None:
         report.dead_letters = queues.counts(1).dead + queues.counts(2).dead
     return report
 
 
-def segment(job: Job) -> dict:
-    """``postprocess.segmentation`` of the finished output ({} when its method is none)."""
-    if job.spec.segmentation["method"] != "none":
-        event(f"segmenting {job.roi.size} voxels ({job.spec.segmentation['method']})")
-    return segment_job(job)
+# --- post-processing: blockwise segmentation (stages 3-5) and the pyramid (stage 6) -----------
+# Two phases on the post queue: (1) label each chunk, stitching each as soon as it and its
+# lower neighbours are labelled, and the pyramid, each block as soon as the blocks under it
+# are done; then one global relabel; (2) write the relabelled chunks.
+
+def segmentation_mode(job: Job) -> str:
+    """none, single (one task over the region: small regions) or blockwise."""
+    options = job.spec.segmentation
+    if options["method"] == "none":
+        return "none"
+    if options["mode"] == "auto":
+        return "single" if job.roi.size <= options["max_voxels"] else "blockwise"
+    return options["mode"]
+
+
+def prepare_post(job: Job) -> None:
+    """The pyramid's levels and the segmentation layer, before their tasks are sent."""
+    ensure_mips(job.spec.output_url, job.spec.postprocess["pyramid_levels"])
+    if segmentation_mode(job) == "blockwise":
+        from . import segment_blocks
+
+        segment_blocks.prepare_layer(job)
+
+
+def phase_stages(job: Job, phase: int) -> list[int]:
+    """The stages whose completion ends a post-processing phase (1 or 2)."""
+    blockwise = segmentation_mode(job) == "blockwise"
+    if phase == 1:
+        return ([4] if blockwise else []) + ([PYRAMID] if job.stage_levels(PYRAMID) else [])
+    return [5] if blockwise else []
+
+
+def phase_tasks(job: Job, phase: int) -> list[Task]:
+    """A phase's tasks that are ready and not done: a fresh run's first tasks, and a rerun's
+    way back in wherever the last one stopped (one listing of each stage's markers)."""
+    tasks: list[Task] = []
+    blockwise = segmentation_mode(job) == "blockwise"
+    new = lambda stage, box, mip=0: Task(job.id, job.spec_url, stage, box, mip)  # noqa: E731
+    if phase == 2:
+        return [new(5, job.plan[int(i)]) for i in np.flatnonzero(~job.done_mask(5))] if blockwise else []
+    if blockwise:
+        labelled, stitched = job.done_mask(3), job.done_mask(4)
+        tasks += [new(3, job.plan[int(i)]) for i in np.flatnonzero(~labelled)]
+        if labelled.any():
+            for i in np.flatnonzero(labelled & ~stitched):
+                box = job.plan[int(i)]
+                if all(labelled[job.plan.index_of(n)] for n in lower_face_neighbours(job, box)):
+                    tasks.append(new(4, box))
+    below = None
+    for mip in job.stage_levels(PYRAMID):
+        plan, done = job.stage_plan(PYRAMID, mip), job.done_mask(PYRAMID, mip)
+        for i in np.flatnonzero(~done):
+            box = plan[int(i)]
+            if below is None or all(below[1][below[0].index_of(b)] for b in
+                                    below[0].chunks_meeting(Box(box.start * FACTOR, box.stop * FACTOR))):
+                tasks.append(new(PYRAMID, box, mip))
+        below = (plan, done)
+    return tasks
+
+
+def relabel(job: Job) -> dict:
+    """The one global step of blockwise segmentation: equivalences to final ids ({} if none)."""
+    if segmentation_mode(job) != "blockwise":
+        return {}
+    from . import segment_blocks
+
+    event(f"relabelling the segments of {len(job.plan)} chunks")
+    return segment_blocks.relabel(job)
+
+
+def segment(job: Job, relabelled: dict | None = None) -> dict:
+    """``postprocess.segmentation``'s result ({} when its method is none): the single task over a
+    small region here, or (blockwise, after phase 2) the result of the chunks' tasks."""
+    mode = segmentation_mode(job)
+    if mode == "single":
+        event(f"segmenting {job.roi.size} voxels in one task ({job.spec.segmentation['method']})")
+        return segment_job(job)
+    if mode == "blockwise":
+        from . import segment_blocks
+
+        for stage in (3, 4, 5):
+            check_stage_done(job, None, stage)
+        result = segment_blocks.segmentation_result(job, relabelled or {})
+        segment_blocks.remove_scratch(job)
+        CloudFiles(job.job_url).put_json("segmentation.json", result)
+        return result
+    return {}
 
 
 def pyramid(job: Job) -> list[int]:
-    """``postprocess.pyramid_levels`` downsampled mips of the output; chunks written per level."""
-    levels = job.spec.postprocess["pyramid_levels"]
-    with Progress(levels, "pyramid", unit="levels") as bar:
-        return build_pyramid(job.spec.output_url, levels, on_level=lambda _: bar.update())
+    """The pyramid's blocks per level, every one verified done."""
+    check_stage_done(job, None, PYRAMID)
+    return [len(job.stage_plan(PYRAMID, mip)) for mip in job.stage_levels(PYRAMID)]
+
+
+def post_here(job: Job, order: list[int] | None = None) -> tuple[dict, list[int]]:
+    """Post-processing in this process: the same tasks, stage by stage."""
+    prepare_post(job)
+    blockwise = segmentation_mode(job) == "blockwise"
+    for stage in (3, 4) if blockwise else ():
+        run_stage_here(job, stage, order)
+    for mip in job.stage_levels(PYRAMID):
+        run_stage_here(job, PYRAMID, order, mip)
+    relabelled = relabel(job)
+    if blockwise:
+        run_stage_here(job, 5, order)
+    return segment(job, relabelled), pyramid(job)
+
+
+def post_with_pool(job: Job, queues: StageQueues, workers: int, **pool_options) -> tuple[dict, list[int]]:
+    """Post-processing with a local pool on the job's post queue, phase by phase."""
+    prepare_post(job)
+    relabelled: dict = {}
+    for phase in (1, 2):
+        tasks = phase_tasks(job, phase)
+        if tasks:
+            for stage, group in itertools.groupby(tasks, key=lambda t: t.stage):
+                queues.of(stage).send_batch(t.to_json() for t in group)
+            drain_with_pool(job, queues, workers, phase_stages(job, phase), **pool_options)
+        if phase == 1:
+            relabelled = relabel(job)
+    return segment(job, relabelled), pyramid(job)
+
+
+def drain_with_pool(job: Job, queues: StageQueues, workers: int, stages: list[int], *,
+                    idle_exit_s: float = 3.0, visibility_timeout_s: float = 60.0) -> None:
+    """Run a pool of ``workers`` processes until every task of ``stages`` is done; raises
+    :class:`StageIncomplete` if one stalls (its queue drained with tasks not done)."""
+    threads = str(local_share(workers))
+    env = {**os.environ, THREADS_ENV: threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    command = worker_command(queues.url, idle_exit_s=idle_exit_s, visibility_timeout_s=visibility_timeout_s,
+                             extra=("--spec-prefix", job.job_url + "/"))
+    watches = [StageWatch(job, stage, lambda stage=stage: queues.counts(stage)) for stage in stages]
+    total = sum(w.total for w in watches)
+    pool = [subprocess.Popen(command, env=env) for _ in range(workers)]
+    try:
+        with Progress(total, " and ".join(STAGE_NAMES[s] for s in stages), unit="tasks") as bar:
+            while True:
+                polls = [w.poll() for w in watches]
+                bar.set(sum(p.done for p in polls))
+                if all(p.state == "done" for p in polls):
+                    return
+                stalled = [p for p in polls if p.state == "stalled"]
+                if stalled:
+                    raise StageIncomplete(f"stage {stalled[0].stage} of job {job.id} stalled: {stalled[0].to_dict()}; "
+                                          f"dead letters: {queues.dead_letters(3)}")
+                if not any(proc.poll() is None for proc in pool):
+                    pool = [subprocess.Popen(command, env=env) for _ in range(workers)]
+                time.sleep(0.5)
+    finally:
+        for proc in pool:
+            proc.terminate()
+        for proc in pool:
+            proc.wait()
 
 
 def report(job: Job, summary: RunReport | dict, *, segmentation: dict, pyramid_chunks: list[int]) -> RunReport:
@@ -234,10 +410,16 @@ def report(job: Job, summary: RunReport | dict, *, segmentation: dict, pyramid_c
     return summary
 
 
-def complete(job: Job, queues: StageQueues | None = None, wall_s: float | None = None) -> RunReport:
-    """The steps after the merge, in order: finish, segment, pyramid, report."""
+def complete(job: Job, queues: StageQueues | None = None, wall_s: float | None = None,
+             workers: int = 0) -> RunReport:
+    """The steps after the merge, in order: finish, post-processing (here, or with a local
+    pool of ``workers`` on ``queues``), report."""
     summary = finish(job, queues, wall_s)
-    return report(job, summary, segmentation=segment(job), pyramid_chunks=pyramid(job))
+    if workers and queues is not None:
+        segmentation, levels = post_with_pool(job, queues, workers)
+    else:
+        segmentation, levels = post_here(job)
+    return report(job, summary, segmentation=segmentation, pyramid_chunks=levels)
 
 
 # --- the whole run ---------------------------------------------------------------------------
@@ -255,4 +437,11 @@ def run_job(job: Job, *, workers: int = 0, queue_url: str | None = None, order: 
             run_stage_here(job, stage, order)
     else:
         run_with_pool(job, queues, workers, idle_exit_s=idle_exit_s, visibility_timeout_s=visibility_timeout_s)
-    return complete(job, queues, time.perf_counter() - started)
+    summary = finish(job, queues, time.perf_counter() - started)
+    if queues is None:
+        segmentation, levels = post_here(job, order)
+    else:
+        segmentation, levels = post_with_pool(job, queues, workers, idle_exit_s=idle_exit_s,
+                                              visibility_timeout_s=visibility_timeout_s)
+    summary.wall_s = time.perf_counter() - started
+    return report(job, summary, segmentation=segmentation, pyramid_chunks=levels)

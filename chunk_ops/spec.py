@@ -97,7 +97,7 @@ class JobSpec:
 
     @property
     def segmentation(self) -> dict:
-        """``postprocess.segmentation`` with defaults: method, threshold, url, truth_url, max_voxels."""
+        """``postprocess.segmentation`` with defaults: method, threshold, url, truth_url, mode, max_voxels."""
         seg = self.postprocess["segmentation"]
         seg.setdefault("threshold", DEFAULT_THRESHOLDS.get(seg["method"]))
         seg.setdefault("url", f"{self.output_url}/segmentation")

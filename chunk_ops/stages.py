@@ -35,6 +35,7 @@ from .blend import window_3d
 from .engines import Predictor
 from .geometry import Box, Vec3
 from .job import BadPartial, Job, NotReady
+from .task import PYRAMID, Task
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,78 @@ def run_stage2(job: Job, chunk: Box, fence: Fence = _no_fence) -> tuple[ChunkSta
     stats.write_s += time.perf_counter() - t2
     stats.patches = redo.patches  # patches of redone stage-1 work count in the amplification
     return stats, {"stage1_redone_patches": redo.patches} if redo.patches else {}
+
+
+def run_pyramid_block(job: Job, box: Box, mip: int, fence: Fence = _no_fence) -> tuple[ChunkStats, dict]:
+    """Stage 6: one block of pyramid level ``mip``, from the level below (mip 0: the output)."""
+    from .downsample import build_block
+
+    t0 = time.perf_counter()
+    build_block(job.spec.output_url, mip, box, fence)
+    return ChunkStats(voxels=box.size, write_s=time.perf_counter() - t0), {}
+
+
+def run_task(job: Job, task: Task, fence: Fence = _no_fence) -> tuple[ChunkStats, dict]:
+    """Do one task of any stage; returns its work and what its done marker keeps besides."""
+    if task.stage == PYRAMID:
+        return run_pyramid_block(job, task.box, task.mip, fence)
+    if task.stage in (1, 2):
+        return (run_stage1 if task.stage == 1 else run_stage2)(job, task.box, fence)
+    from . import segment_blocks
+
+    run = {3: segment_blocks.label_chunk, 4: segment_blocks.stitch_chunk, 5: segment_blocks.write_chunk}[task.stage]
+    return run(job, task.box, fence)
+
+
+def lower_face_neighbours(job: Job, chunk: Box) -> list[Box]:
+    """The chunks sharing a face with ``chunk`` on its lower x, y and z sides (in the plan)."""
+    out = []
+    for axis in range(3):
+        probe = list(chunk.start)
+        if probe[axis] - 1 < job.roi.start[axis]:
+            continue
+        probe[axis] -= 1
+        out.append(job.plan.chunks_meeting(Box(probe, [p + 1 for p in probe]))[0])
+    return out
+
+
+def follow_ups(job: Job, task: Task) -> list[Task]:
+    """Tasks that may have become ready now that ``task`` is done, so a stage chains into
+    the next without waiting for all of its own chunks:
+
+    - a chunk's stitch (4) needs the labels (3) of the chunk and of its lower face
+      neighbours: after chunk c is labelled, c and its upper face neighbours are candidates;
+    - a pyramid block at mip k+1 needs the blocks of mip k under it.
+
+    A candidate is sent when every task it needs has its done marker.  Two tasks that
+    finish together may both send it: the second copy finds its marker and is skipped,
+    or, run at once, writes the same bytes.
+    """
+    if task.stage == 3:
+        candidates = [task.box, *_upper_face_neighbours(job, task.box)]
+        ready = [c for c in candidates
+                 if all(job.is_done(3, n) for n in [c, *lower_face_neighbours(job, c)] if n != task.box)]
+        return [Task(job.id, job.spec_url, 4, c) for c in ready]
+    if task.stage == PYRAMID and task.mip + 1 in job.stage_levels(PYRAMID):
+        from .downsample import FACTOR
+
+        below, above = job.stage_plan(PYRAMID, task.mip), job.stage_plan(PYRAMID, task.mip + 1)
+        parent = above.chunks_meeting(Box(task.box.start // FACTOR, task.box.start // FACTOR + 1))[0]
+        under = Box(parent.start * FACTOR, parent.stop * FACTOR).intersection(below.roi)
+        if all(job.is_done(PYRAMID, b, task.mip) for b in below.chunks_meeting(under) if b != task.box):
+            return [Task(job.id, job.spec_url, PYRAMID, parent, task.mip + 1)]
+    return []
+
+
+def _upper_face_neighbours(job: Job, chunk: Box) -> list[Box]:
+    out = []
+    for axis in range(3):
+        if chunk.stop[axis] >= job.roi.stop[axis]:
+            continue
+        probe = list(chunk.start)
+        probe[axis] = chunk.stop[axis]
+        out.append(job.plan.chunks_meeting(Box(probe, [p + 1 for p in probe]))[0])
+    return out
 
 
 def reference_pass(job: Job) -> np.ndarray:

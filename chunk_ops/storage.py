@@ -94,6 +94,15 @@ def files_at(url: str, **options) -> "CloudFiles":
     return CloudFiles(url, **options)
 
 
+def list_folder(files: "CloudFiles", prefix: str) -> list[str]:
+    """The names directly in folder ``prefix`` (no deeper); none if it does not exist yet
+    (cloud-files' flat listing of a missing local folder raises)."""
+    try:
+        return list(files.list(prefix=prefix, flat=True))
+    except FileNotFoundError:
+        return []
+
+
 def local_path(url: str) -> Path | None:
     """The folder of a ``file://`` URL (or plain path); None for object stores."""
     if url.startswith("file://"):

@@ -7,16 +7,23 @@ so a rerun of the same job only sends what is missing.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
+
+from .geometry import Box
 from .job import Job
 from .queues import QueueCounts
 from .queues.stages import STAGES, StageQueues
 from .stages import ChunkStats, RunReport
+from .tally import read_stage_tally
 from .task import Task
+
+log = logging.getLogger(__name__)
 
 
 def default_queue_url(job: Job) -> str:
@@ -67,18 +74,16 @@ class JobStatus:
 
 
 def stage_status(job: Job, stage: int) -> StageStatus:
-    records = job.done_records(stage)
-    total = len(job.plan)
+    """Where a stage stands, from the workers' tallies (no marker listing)."""
+    tally = read_stage_tally(job.job_url, stage)
+    total = job.stage_total(stage)
     rate = eta = None
-    if records:
-        first = min(r["started_at"] for r in records)
-        last = max(r["finished_at"] for r in records)
-        voxels = sum(r["voxels"] for r in records)
-        if last > first:
-            rate = voxels / (last - first)
-            remaining = job.roi.size - voxels
-            eta = max(0.0, remaining / rate) if len(records) < total else 0.0
-    return StageStatus(len(records), total, rate, eta)
+    first = min((t.started_at for t in tally.tallies), default=0.0)
+    last = max((t.finished_at for t in tally.tallies), default=0.0)
+    if tally.tasks and last > first:
+        rate = tally.tasks / (last - first)
+        eta = max(0.0, (total - tally.tasks) / rate)
+    return StageStatus(min(tally.tasks, total), total, rate, eta)
 
 
 def job_status(job: Job, queues: StageQueues) -> JobStatus:
@@ -90,15 +95,82 @@ def job_status(job: Job, queues: StageQueues) -> JobStatus:
     )
 
 
+@dataclass
+class StagePoll:
+    """One look at a stage: ``state`` is running, done or stalled (the queue drained with
+    tasks not done: dead-lettered or never sent)."""
+
+    stage: int
+    state: str
+    done: int
+    total: int
+    visible: int
+    in_flight: int
+    dead: int
+    files_read: int  # tallies read by this poll (plus one listing of their folder)
+    listed: bool  # this poll listed the stage's done markers
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class StageWatch:
+    """Decides, poll by poll, whether a stage is done, still running, or stalled.
+
+    A poll reads the workers' tallies (:mod:`.tally`), not the done markers, so it costs
+    the same at a hundred chunks as at ten million.  The markers decide only twice:
+    when the tallies reach the stage's total (one listing; any chunk still missing is
+    then checked on its own each poll), and when the queue reads empty on two polls in a
+    row with no progress between them, before the stage is called stalled.  SQS's counts
+    are approximate and may read 0 for a moment while tasks are visible or leased; a
+    single such reading never fails a stage.
+    """
+
+    def __init__(self, job: Job, stage: int, counts: Callable[[], QueueCounts], *, compact: bool = True):
+        self.job, self.stage, self.counts, self.compact = job, stage, counts, compact
+        self.total = job.stage_total(stage)
+        self.missing: list[tuple[int, Box]] | None = None  # known once the markers were listed
+        self._drained_tasks: int | None = None  # the tally when the queue last read empty
+
+    def _list_missing(self) -> list[tuple[int, Box]]:
+        missing = []
+        for mip in self.job.stage_levels(self.stage):
+            plan = self.job.stage_plan(self.stage, mip)
+            missing += [(mip, plan[int(i)]) for i in np.flatnonzero(~self.job.done_mask(self.stage, mip))]
+        return missing
+
+    def poll(self) -> StagePoll:
+        tally = read_stage_tally(self.job.job_url, self.stage, compact=self.compact)
+        counts = self.counts()
+        listed = False
+        if self.missing is None and tally.tasks >= self.total:
+            self.missing, listed = self._list_missing(), True
+        elif self.missing:
+            self.missing = [(mip, box) for mip, box in self.missing if not self.job.is_done(self.stage, box, mip)]
+        drained = counts.visible == 0 and counts.in_flight == 0
+        if drained and self._drained_tasks == tally.tasks and self.missing is None:
+            self.missing, listed = self._list_missing(), True  # empty twice, no progress: the markers decide
+        if self.missing == []:
+            state = "done"
+        elif drained and self._drained_tasks == tally.tasks and self.missing is not None:
+            state = "stalled"
+        else:
+            state = "running"
+        self._drained_tasks = tally.tasks if drained else None
+        done = self.total - len(self.missing) if self.missing is not None else min(tally.tasks, self.total)
+        return StagePoll(self.stage, state, done, self.total, counts.visible, counts.in_flight, counts.dead,
+                         tally.files_read, listed)
+
+
 def wait_for_stage(job: Job, queues: StageQueues, stage: int, poll_s: float = 1.0,
                    timeout_s: float | None = None) -> bool:
-    """Wait until every chunk of the stage is done (True) or nothing is left to try (False)."""
+    """Wait until every task of the stage is done (True) or it stalled or timed out (False)."""
     deadline = None if timeout_s is None else time.time() + timeout_s
+    watch = StageWatch(job, stage, lambda: queues.counts(stage))
     while True:
-        if job.done_mask(stage).all():
-            return True
-        if queues.counts(stage).pending == 0:
-            return bool(job.done_mask(stage).all())
+        state = watch.poll().state
+        if state != "running":
+            return state == "done"
         if deadline is not None and time.time() > deadline:
             return False
         time.sleep(poll_s)
@@ -108,14 +180,32 @@ class StageIncomplete(RuntimeError):
     """A stage ended with chunks not done (their tasks are dead-lettered or lost)."""
 
 
-def check_stage_done(job: Job, queues: StageQueues | None, stage: int) -> list[dict]:
-    """Verification: every chunk has a valid marker (each one read and parsed); returns them."""
-    records = job.done_records(stage)
-    missing = len(job.plan) - len(records)
+def check_stage_done(job: Job, queues: StageQueues | None, stage: int) -> None:
+    """Verification: every task of the stage has its done marker (one listing, names only)."""
+    missing = StageWatch(job, stage, lambda: QueueCounts(0, 0, 0))._list_missing()
     if missing:
         where = f"; queue {queues.counts(stage)}; dead letters: {queues.dead_letters(3)}" if queues else ""
-        raise StageIncomplete(f"stage {stage} of job {job.id}: {missing} of {len(job.plan)} chunks not done{where}")
-    return records
+        first = ", ".join(box.to_filename() for _, box in missing[:3])
+        raise StageIncomplete(f"stage {stage} of job {job.id}: {len(missing)} of {job.stage_total(stage)} tasks "
+                              f"not done (first: {first}){where}")
+
+
+def check_output_blocks(job: Job) -> int:
+    """Verification: every storage block of the output inside the region is stored (one
+    listing of the layer's blocks, names only); returns how many were checked, 0 where the
+    format cannot say (one log line)."""
+    expected = job.output.block_names(job.roi)
+    if expected is None:
+        log.info("output %s: its format does not list blocks; verified by the markers only", job.spec.output_url)
+        return 0
+    stored = job.output.stored_block_names()
+    missing = [name for name in expected if name not in stored]
+    if missing:
+        raise StageIncomplete(f"output {job.spec.output_url}: {len(missing)} of {len(expected)} storage blocks in "
+                              f"the region are missing although every merge is marked done (first: "
+                              f"{', '.join(missing[:3])}); the layer was changed after the merge: rerun the job "
+                              f"after removing done/stage2 markers of those chunks")
+    return len(expected)
 
 
 def report_from_markers(job: Job, wall_s: float | None = None,
@@ -138,6 +228,35 @@ def report_from_markers(job: Job, wall_s: float | None = None,
             pool["seconds"] = round(pool["seconds"] + record["finished_at"] - record["started_at"], 3)
             if "engine" in record and record["engine"] not in pool.setdefault("engines", []):
                 pool["engines"].append(record["engine"])
+    report.patches_evaluated = report.stage1.patches + report.stage2.patches  # + stage-1 work redone
+    report.wall_s = wall_s if wall_s is not None else max(0.0, last - first)
+    return report
+
+
+def run_report(job: Job, wall_s: float | None = None) -> RunReport:
+    """The run's report from the workers' tallies, when they account for every chunk of
+    both stages exactly (reads a file per worker); else from the done markers, read one by
+    one (a tally lost with a killed worker, a chunk done twice at once, a job begun before
+    tallies)."""
+    tallies = {stage: read_stage_tally(job.job_url, stage) for stage in (1, 2)}
+    if any(t.tasks != len(job.plan) for t in tallies.values()):
+        log.info("tallies of job %s count %s chunks of %d: the report reads every marker",
+                 job.id, [t.tasks for t in tallies.values()], len(job.plan))
+        return report_from_markers(job, wall_s)
+    report = RunReport(job.id, len(job.plan), job.roi.size, 0, len(job.grid), 0.0)
+    first, last = float("inf"), 0.0
+    for stage, total in ((1, report.stage1), (2, report.stage2)):
+        for tally in tallies[stage].tallies:
+            total.add(tally.stats)
+            report.redeliveries += tally.redeliveries
+            first, last = min(first, tally.started_at), max(last, tally.finished_at)
+        for name, work in tallies[stage].per_pool().items():
+            pool = report.per_pool.setdefault(name, {"tasks": 0, "voxels": 0, "seconds": 0.0})
+            for key in ("tasks", "voxels", "seconds"):
+                pool[key] = round(pool[key] + work[key], 3) if key == "seconds" else pool[key] + work[key]
+            for engine in work.get("engines", []):
+                if engine not in pool.setdefault("engines", []):
+                    pool["engines"].append(engine)
     report.patches_evaluated = report.stage1.patches + report.stage2.patches  # + stage-1 work redone
     report.wall_s = wall_s if wall_s is not None else max(0.0, last - first)
     return report

@@ -20,14 +20,19 @@
   nothing.  What is left is the span between a renewal and the write it guards:
   a process frozen exactly there writes once it resumes (docs/reliability.md).  A task running past ``task_deadline_s`` (a hung read) is no longer
   renewed: the worker gives its leases back and exits, so the chunk moves on.
-- Stages: one queue per stage (:mod:`.queues.stages`); a worker polls only the
-  stages it serves (``stages``), so a GPU worker told ``(1,)`` never merges.
+- Stages: a queue per stage, post-processing (3-6) sharing one (:mod:`.queues.stages`); a
+  worker polls only the queues of the stages it serves (``stages``), so a GPU worker
+  told ``(1,)`` never merges.  After a task the worker sends the tasks it made ready
+  (:func:`.stages.follow_ups`: a chunk's stitch, the pyramid block above).
+- Progress: after each chunk's done marker, the worker rewrites its tally of the stage
+  (:mod:`.tally`), so a poll reads a file per worker instead of listing every marker.
 - Specs: with ``spec_prefixes``, a task naming a spec elsewhere is a poison message.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -35,6 +40,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -42,8 +48,9 @@ from .engines import THREADS_ENV, worker_threads
 from .job import Job
 from .progress import timestamp
 from .queues import Lease, LeaseLost, TaskQueue
-from .queues.stages import STAGES, StageQueues
-from .stages import marker_record, run_stage1, run_stage2
+from .queues.stages import POST_STAGES, STAGES, StageQueues, stage_queue_url
+from .stages import follow_ups, marker_record, run_task
+from .tally import TallyWriter
 from .task import Task, TaskError
 
 log = logging.getLogger("chunk_ops.worker")
@@ -76,7 +83,7 @@ class WorkerSummary:
     failed: int = 0
     given_back: int = 0
     abandoned: int = 0  # lease lost before a write: nothing written
-    by_stage: dict = field(default_factory=lambda: {1: 0, 2: 0})
+    by_stage: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
 
 
 def _event(event: str, **fields) -> None:
@@ -165,6 +172,8 @@ class Worker:
             raise ValueError(f"worker stages {list(config.stages)} must be a non-empty subset of {list(STAGES)}")
         if config.threads is not None and config.threads < 1:
             raise ValueError(f"worker threads {config.threads} must be at least 1")
+        if set(config.stages) & set(POST_STAGES):  # they share a queue: serving one is serving all
+            config.stages = tuple(sorted(set(config.stages) | set(POST_STAGES)))
         self.config = config
         self.queues = queues or StageQueues(config.queue_url)
         self.jobs: dict[str, Job] = {}
@@ -174,6 +183,8 @@ class Worker:
         self._held: dict[str, tuple[TaskQueue, Lease]] = {}
         self._exiting = threading.Lock()
         self._handled = 0
+        self._tallies: dict[tuple[str, int], TallyWriter] = {}
+        self._tally_name = f"{WORKER_NAME}:{uuid.uuid4().hex[:6]}"  # one per Worker, even several in one process
 
     def install_signal_handlers(self) -> None:
         def on_term(signum, frame):
@@ -201,6 +212,8 @@ class Worker:
         self._loop()
         for t in others:
             t.join()
+        for tally in self._tallies.values():
+            tally.close()
         _event("stop", **{k: v for k, v in vars(self.summary).items()})
         return self.summary
 
@@ -229,8 +242,12 @@ class Worker:
 
     def _receive(self, wait_s: float) -> tuple[Lease, int, TaskQueue] | None:
         """One task from the served stages' queues, merges first (they finish a run)."""
-        queues = [(stage, q) for stage in sorted(self.config.stages, reverse=True)
-                  if (q := self.queues.get(stage)) is not None]
+        seen, queues = set(), []  # one look per queue: the post-processing stages share one
+        for stage in sorted(self.config.stages, reverse=True):
+            url = stage_queue_url(self.queues.url, stage)
+            if url not in seen and (queue := self.queues.get(stage)) is not None:
+                seen.add(url)
+                queues.append((stage, queue))
         if not queues:
             time.sleep(wait_s)
             return None
@@ -279,9 +296,12 @@ class Worker:
         if job.id != task.job_id:
             raise TaskError(f"task names job {task.job_id} but {task.spec_url} is job {job.id}")
         try:
-            job.plan.index_of(task.box)
-        except (ValueError, IndexError):
-            raise TaskError(f"task box {task.box} is not a chunk of job {job.id} (roi {job.roi})") from None
+            if task.mip and task.mip not in job.stage_levels(task.stage):
+                raise ValueError(f"mip {task.mip} is not one of the job's pyramid levels {job.stage_levels(task.stage)}")
+            job.stage_plan(task.stage, task.mip).index_of(task.box)
+        except (ValueError, IndexError) as e:
+            raise TaskError(f"task box {task.box} (stage {task.stage}, mip {task.mip}) is not a task of job "
+                            f"{job.id} (roi {job.roi}): {e}") from None
         return job
 
     def process(self, lease: Lease, stage: int = 1, queue: TaskQueue | None = None) -> None:
@@ -308,10 +328,15 @@ class Worker:
         started = time.time()
         try:
             task = Task.from_json(lease.body)
-            if task.stage != stage:
+            if stage_queue_url(self.queues.url, task.stage) != stage_queue_url(self.queues.url, stage):
                 raise TaskError(f"a stage-{task.stage} task on the stage-{stage} queue {queue.url}")
+            if task.stage not in self.config.stages:
+                raise TaskError(f"a stage-{task.stage} task for a worker serving stages {list(self.config.stages)}")
             job = self._job(task)
-            if job.is_done(task.stage, task.box):
+            if job.is_done(task.stage, task.box, task.mip):
+                # a redelivery of a task done already: the worker that did it may have died
+                # before sending what it made ready, so send that again (copies are skipped)
+                self._send_follow_ups(job, task)
                 heartbeat.stop()
                 self._delete(queue, lease)
                 self._count("skipped")
@@ -319,9 +344,11 @@ class Worker:
                 return
             stats, extra = self._with_retries(task, job, heartbeat.confirm)
             heartbeat.confirm()
-            job.mark_done(task.stage, task.box, marker_record(
-                job, task.stage, stats, extra, started=started, pool=self.config.pool,
-                receive_count=lease.receive_count, worker=WORKER_NAME))
+            record = marker_record(job, task.stage, stats, extra, started=started, pool=self.config.pool,
+                                   receive_count=lease.receive_count, worker=WORKER_NAME)
+            job.mark_done(task.stage, task.box, record, task.mip)
+            self._tally(job, task.stage).count(record)
+            self._send_follow_ups(job, task)
         except LeaseLost as e:  # the fence: another worker owns this task now
             self._count("abandoned")
             _event("abandoned", message=lease.message_id, reason=str(e))
@@ -346,11 +373,21 @@ class Worker:
         _event("done", job=task.job_id, stage=task.stage, chunk=task.box.to_filename(),
                seconds=round(time.time() - started, 3), receive_count=lease.receive_count)
 
+    def _tally(self, job: Job, stage: int) -> TallyWriter:
+        with self._lock:
+            key = (job.job_url, stage)
+            if key not in self._tallies:
+                self._tallies[key] = TallyWriter(job.job_url, stage, self._tally_name, self.config.pool)
+            return self._tallies[key]
+
+    def _send_follow_ups(self, job: Job, task: Task) -> None:
+        for stage, tasks in itertools.groupby(follow_ups(job, task), key=lambda t: t.stage):
+            self.queues.of(stage).send_batch(t.to_json() for t in tasks)
+
     def _with_retries(self, task: Task, job: Job, fence):
-        run = run_stage1 if task.stage == 1 else run_stage2
         for attempt in range(self.config.retries + 1):
             try:
-                return run(job, task.box, fence)
+                return run_task(job, task, fence)
             except (*PERMANENT, LeaseLost):
                 raise
             except Exception as e:

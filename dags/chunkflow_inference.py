@@ -30,7 +30,6 @@ from airflow.sdk import DAG, task
 from chunkflow_airflow.operators.chunk_queue import EnqueueChunksOperator
 from chunkflow_airflow.sensors.chunk_queue import StageDoneSensor
 from chunkflow_airflow.utils.params import job_params
-from chunkflow_airflow.utils.pods import WORKER_RESOURCES
 
 with DAG(
     dag_id="chunkflow_inference",
@@ -102,17 +101,13 @@ with DAG(
         summary = Worker(config, queues).run()
         return {"index": index, "done": summary.done, "skipped": summary.skipped, "failed": summary.failed}
 
-    def pod_pool(pool: str, stage: int, kwargs):
+    def pod_pool(pool: str, name: str, kwargs):
+        """One pod per member; deferrable (the pod's wait frees the worker slot), GPU pods in
+        the Airflow pool ``chunk_ops_gpu`` (see ``pod_operator_kwargs``)."""
+        from chunkflow_airflow.utils.pods import pod_operator_kwargs
+
         return KubernetesPodOperator.partial(
-            task_id=f"{pool}_pool_stage{stage}",
-            cmds=["chunk-ops"],
-            container_resources=WORKER_RESOURCES[pool],
-            get_logs=True,
-            on_finish_action="delete_pod",
-            retries=5,
-            retry_delay=timedelta(seconds=30),
-            retry_exponential_backoff=True,
-            startup_timeout_seconds=900,
+            task_id=f"{pool}_pool_{name}", **pod_operator_kwargs(pool),
         ).expand_kwargs(kwargs)
 
     @task
@@ -125,17 +120,52 @@ with DAG(
         queues = ChunkQueueHook(info["queue_url"], info["aws_conn_id"]).get_queues()
         return pipeline.finish(Job.from_spec_url(info["spec_url"]), queues).to_dict()
 
-    @task
-    def segment(info: dict) -> dict:
-        """postprocess.segmentation of the output (nothing when its method is none)."""
+    @task(multiple_outputs=True)
+    def prepare_post(info: dict) -> dict:
+        """The pyramid's levels and the segmentation layer; which stages end each post-processing phase."""
         from chunk_ops import pipeline
         from chunk_ops.job import Job
 
-        return pipeline.segment(Job.from_spec_url(info["spec_url"]))
+        job = Job.from_spec_url(info["spec_url"])
+        pipeline.prepare_post(job)
+        return {"segmentation": pipeline.segmentation_mode(job),
+                "phase1": pipeline.phase_stages(job, 1), "phase2": pipeline.phase_stages(job, 2)}
+
+    @task
+    def enqueue_post(info: dict, phase: int) -> int:
+        """A post-processing phase's ready tasks not done yet, on the post queue; how many were sent."""
+        import itertools
+
+        from chunk_ops import pipeline
+        from chunk_ops.job import Job
+        from chunkflow_airflow.hooks.chunk_queue import ChunkQueueHook
+
+        job = Job.from_spec_url(info["spec_url"])
+        queues = ChunkQueueHook(info["queue_url"], info["aws_conn_id"], info["max_receives"]).get_queues(create=True)
+        tasks = pipeline.phase_tasks(job, phase)
+        for stage, group in itertools.groupby(tasks, key=lambda t: t.stage):
+            queues.of(stage).send_batch(t.to_json() for t in group)
+        return len(tasks)
+
+    @task
+    def relabel(info: dict) -> dict:
+        """Blockwise segmentation's one global step: segment equivalences to final ids."""
+        from chunk_ops import pipeline
+        from chunk_ops.job import Job
+
+        return pipeline.relabel(Job.from_spec_url(info["spec_url"]))
+
+    @task
+    def segment(info: dict, relabelled: dict) -> dict:
+        """postprocess.segmentation: one task over a small region, else the blockwise result (nothing for none)."""
+        from chunk_ops import pipeline
+        from chunk_ops.job import Job
+
+        return pipeline.segment(Job.from_spec_url(info["spec_url"]), relabelled)
 
     @task
     def pyramid(info: dict) -> list[int]:
-        """Downsampled mips of the output (2x2x1 each), for browsing the result."""
+        """The pyramid's blocks per level (2x2x1 each), every one verified done."""
         from chunk_ops import pipeline
         from chunk_ops.job import Job
 
@@ -154,6 +184,24 @@ with DAG(
         print(json.dumps(result, indent=2))
         return result
 
+    def drain(sent, stage: int, stages, name: str):
+        """Workers for the tasks just sent (local workers, pods), then a sensor for ``stages``."""
+        cloud_pools = ("gpu", "cpu") if stage == 1 else ("cpu",)  # merges and post-processing need no GPU
+        sizes = {pool: size_pool.override(task_id=f"size_{pool}_pool_{name}")(info, sent, stage, pool)
+                 for pool in ("local", *cloud_pools)}
+        local = local_worker.override(task_id=f"local_pool_{name}").partial(info=info).expand(index=sizes["local"])
+        for pool in cloud_pools:
+            pod_pool(pool, name, sizes[pool])
+        # Local workers leave when no task is visible; pods may still hold leases then,
+        # so the sensor waits for the done markers. "all_done": it judges by the markers
+        # even if a local worker task failed or the pool was empty (skipped).
+        done = StageDoneSensor(
+            task_id=f"{name}_done", spec_url=info["spec_url"], queue_url=info["queue_url"], stages=stages,
+            aws_conn_id=info["aws_conn_id"], poke_interval=5, timeout=7 * 24 * 3600, trigger_rule="all_done",
+        )
+        local >> done
+        return done
+
     info = prepare(validate())
     previous = info
     for stage in (1, 2):
@@ -162,23 +210,21 @@ with DAG(
             stage=stage, aws_conn_id=info["aws_conn_id"], max_receives=info["max_receives"],
         )
         previous >> enqueue
-        cloud_pools = ("gpu", "cpu") if stage == 1 else ("cpu",)  # merges need no GPU
-        sizes = {pool: size_pool.override(task_id=f"size_{pool}_pool_stage{stage}")(info, enqueue.output, stage, pool)
-                 for pool in ("local", *cloud_pools)}
-        local = local_worker.override(task_id=f"local_pool_stage{stage}").partial(info=info).expand(index=sizes["local"])
-        for pool in cloud_pools:
-            pod_pool(pool, stage, sizes[pool])
-        # Local workers leave when no task is visible; pods may still hold leases then,
-        # so the sensor waits for the done markers. "all_done": it judges by the markers
-        # even if a local worker task failed or the pool was empty (skipped).
-        done = StageDoneSensor(
-            task_id=f"stage{stage}_done", spec_url=info["spec_url"], queue_url=info["queue_url"], stage=stage,
-            aws_conn_id=info["aws_conn_id"], poke_interval=5, timeout=7 * 24 * 3600, trigger_rule="all_done",
-        )
-        local >> done
-        previous = done
+        previous = drain(enqueue.output, stage, [stage], f"stage{stage}")
     summary = finish(info)
     previous >> summary
-    labels, mips = segment(info), pyramid(info)
-    summary >> [labels, mips]  # both read the finished output
+    # post-processing: (1) label, stitch and the pyramid, (2) after the global relabel, write the labels
+    post = prepare_post(info)
+    summary >> post
+    sent = enqueue_post.override(task_id="enqueue_post1")(info, 1)
+    post >> sent
+    phase1 = drain(sent, 3, post["phase1"], "post1")
+    relabelled = relabel(info)
+    phase1 >> relabelled
+    sent = enqueue_post.override(task_id="enqueue_post2")(info, 2)
+    relabelled >> sent
+    phase2 = drain(sent, 5, post["phase2"], "post2")
+    labels, mips = segment(info, relabelled), pyramid(info)
+    phase2 >> labels
+    phase1 >> mips
     report(info, summary, labels, mips)

@@ -2,7 +2,8 @@
 
 Stage 1 (the network) uses the queue URL as given; stage 2 (merges) a sibling
 named after it (``sqs://name`` -> ``sqs://name-merge``, ``file:///q.sqlite`` ->
-``file:///q-merge.sqlite``).  A GPU worker told ``--stages 1`` never even sees a
+``file:///q-merge.sqlite``); the post-processing stages (3-6: blockwise segmentation,
+pyramid) share a third, ``-post``: CPU work, each task naming its stage.  A GPU worker told ``--stages 1`` never even sees a
 merge, by construction: stage-2 tasks are never on its queue.  (One shared queue
 cannot do that: a worker that receives a task it does not serve and puts it back
 still counts a receive towards the dead-letter limit.)
@@ -17,16 +18,20 @@ from typing import Callable
 from . import open_queue
 from .base import QueueCounts, TaskQueue
 
-STAGES = (1, 2)
+from ..task import STAGES
+
+SUFFIXES = {2: "-merge", 3: "-post", 4: "-post", 5: "-post", 6: "-post"}
+QUEUE_STAGES = (1, 2, 3)  # a stage on each queue
+POST_STAGES = (3, 4, 5, 6)  # on the one -post queue
 
 
 def stage_queue_url(url: str, stage: int) -> str:
     if stage == 1:
         return url
-    if stage != 2:
+    if stage not in SUFFIXES:
         raise ValueError(f"stage {stage!r} is not one of {list(STAGES)}")
     match = re.fullmatch(r"(.*?)(\.sqlite3?|\.db)?", url.rstrip("/"))
-    return f"{match.group(1)}-merge{match.group(2) or ''}"
+    return f"{match.group(1)}{SUFFIXES[stage]}{match.group(2) or ''}"
 
 
 class StageQueues:
@@ -40,10 +45,12 @@ class StageQueues:
         self.url = url
         self._open = opener
         first = opener(url, create=create, max_receives=max_receives)
-        self._queues: dict[int, TaskQueue] = {1: first}
-        self._tried: dict[int, float] = {}
-        if create:  # the merge queue gets the same receive limit
-            self._queues[2] = opener(stage_queue_url(url, 2), create=True, max_receives=first.max_receives)
+        self._queues: dict[str, TaskQueue] = {url: first}  # by queue URL: stages 3-6 share one
+        self._tried: dict[str, float] = {}
+        if create:  # the other stages' queues get the same receive limit
+            for stage in QUEUE_STAGES[1:]:
+                other = stage_queue_url(url, stage)
+                self._queues[other] = opener(other, create=True, max_receives=first.max_receives)
 
     @property
     def max_receives(self) -> int:
@@ -51,18 +58,19 @@ class StageQueues:
 
     def get(self, stage: int) -> TaskQueue | None:
         """The stage's queue, or None while it does not exist yet."""
-        queue = self._queues.get(stage)
-        if queue is None and time.monotonic() - self._tried.get(stage, -self.REOPEN_S) >= self.REOPEN_S:
-            self._tried[stage] = time.monotonic()
+        url = stage_queue_url(self.url, stage)
+        queue = self._queues.get(url)
+        if queue is None and time.monotonic() - self._tried.get(url, -self.REOPEN_S) >= self.REOPEN_S:
+            self._tried[url] = time.monotonic()
             try:
-                queue = self._queues[stage] = self._open(stage_queue_url(self.url, stage))
+                queue = self._queues[url] = self._open(url)
             except ValueError:
                 return None
         return queue
 
     def of(self, stage: int) -> TaskQueue:
         queue = self.get(stage) or self._open(stage_queue_url(self.url, stage))
-        self._queues[stage] = queue
+        self._queues[stage_queue_url(self.url, stage)] = queue
         return queue
 
     def counts(self, stage: int) -> QueueCounts:
@@ -71,7 +79,7 @@ class StageQueues:
 
     def dead_letters(self, max_messages: int = 10) -> list[str]:
         letters: list[str] = []
-        for stage in STAGES:
+        for stage in QUEUE_STAGES:
             queue = self.get(stage)
             if queue is not None and len(letters) < max_messages:
                 letters += queue.dead_letters(max_messages - len(letters))

@@ -94,11 +94,29 @@ class Volume(ABC):
         return 1
 
     @classmethod
-    def add_mip(cls, location: str, factor: Vec3) -> int:
-        """Add a level ``factor`` coarser than the top one; returns its mip."""
+    def add_mip(cls, location: str, factor: Vec3, mip: int) -> int:
+        """Make sure level ``mip`` exists, ``factor`` coarser than level ``mip - 1``; returns
+        ``mip``.  A level there already is left alone (never one stacked above the top)."""
         raise VolumeError(f"{location}: this format holds one resolution level, no pyramid")
 
+    @staticmethod
+    def _level_to_add(location: str, count: int, mip: int) -> int | None:
+        """``mip`` if a layer of ``count`` levels lacks it, None if it has it already."""
+        if mip < 1 or mip > count:
+            raise VolumeError(f"{location}: cannot add mip {mip}; its levels are 0 to {count - 1}, "
+                              f"so the next one is {count}")
+        return mip if mip == count else None
+
     # --- what the rest of chunk_ops calls ---------------------------------------------
+    def block_names(self, box: Box) -> list[str] | None:
+        """The stored names of the blocks covering ``box`` (aligned), for verification; None
+        where the format keeps blocks where they cannot be listed by name."""
+        return None
+
+    def stored_block_names(self) -> set[str]:
+        """The names of the blocks this level holds (one listing)."""
+        raise NotImplementedError
+
     def black_out(self, sections: Iterable[int]) -> None:
         """Read the z sections ``sections`` as ``fill_value`` from now on."""
         sections = tuple(sorted(set(sections)))

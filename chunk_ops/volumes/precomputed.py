@@ -67,13 +67,19 @@ class PrecomputedVolume(Volume):
         return len(CloudVolume(location, progress=False).scales)
 
     @classmethod
-    def add_mip(cls, location: str, factor: Vec3) -> int:
+    def add_mip(cls, location: str, factor: Vec3, mip: int) -> int:
+        """The scale ``factor`` coarser than scale ``mip - 1``, with its block size.  Two runs
+        that add the same level write the same info: cloud-volume keeps one scale per resolution."""
         cv = CloudVolume(location, progress=False)
-        top = len(cv.scales) - 1
-        resolution = [r * f for r, f in zip(cv.meta.resolution(top).tolist(), factor)]
-        cv.meta.add_resolution(resolution, chunk_size=cv.meta.chunk_size(top).tolist())
+        count = len(cv.scales)
+        new = cls._level_to_add(location, count, mip)
+        if new is None:
+            return mip
+        below = new - 1
+        resolution = [r * f for r, f in zip(cv.meta.resolution(below).tolist(), factor)]
+        cv.meta.add_resolution(resolution, chunk_size=cv.meta.chunk_size(below).tolist())
         cv.commit_info()
-        return len(CloudVolume(location, progress=False).scales) - 1
+        return new
 
     def _read_inside(self, box: Box) -> np.ndarray:
         try:
@@ -103,3 +109,15 @@ class PrecomputedVolume(Volume):
             files, content_type=content_type("raw"), compress="gzip", compression_level=1,
             cache_control=cdn_cache_control(self._cv.cdn_cache),
         )
+
+    def block_names(self, box: Box) -> list[str] | None:
+        meta = self._cv.meta
+        if meta.sharding(self.mip):  # blocks live inside shard files
+            return None
+        return [meta.join(meta.key(self.mip), Bbox(b.start.to_list(), b.stop.to_list()).to_filename())
+                for b in ChunkPlan(box, self.block_size, self.bounds.start)]
+
+    def stored_block_names(self) -> set[str]:
+        meta = self._cv.meta
+        files = storage.files_at(self._cv.cloudpath, progress=False, secrets=self._cv.config.secrets)
+        return set(storage.list_folder(files, meta.key(self.mip) + "/"))

@@ -3,55 +3,75 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 
-def stage_progress(spec_url: str, queue_url: str, stage: int, aws_conn_id: str | None) -> dict:
-    """Done chunks of a stage and the queue's counts (blocking I/O: run it in a thread)."""
+def open_watches(spec_url: str, queue_url: str, stages: Sequence[int], aws_conn_id: str | None) -> list:
+    """A ``chunk_ops.submit.StageWatch`` per stage (blocking I/O: run it in a thread)."""
     from chunk_ops.job import Job
+    from chunk_ops.submit import StageWatch
     from chunkflow_airflow.hooks.chunk_queue import ChunkQueueHook
 
     job = Job.from_spec_url(spec_url)
-    counts = ChunkQueueHook(queue_url, aws_conn_id).get_queues().counts(stage)
-    done = int(job.done_mask(stage).sum())
-    return {"job_id": job.id, "stage": stage, "done": done, "total": len(job.plan),
-            "visible": counts.visible, "in_flight": counts.in_flight, "dead": counts.dead}
+    queues = ChunkQueueHook(queue_url, aws_conn_id).get_queues()
+    return [StageWatch(job, stage, lambda stage=stage: queues.counts(stage)) for stage in stages]
+
+
+def poll_watches(watches: list) -> dict:
+    """One poll of every watch: success, error (a stage stalled) or running, with the counts."""
+    polls = [w.poll() for w in watches]
+    states = {p.state for p in polls}
+    status = "success" if states <= {"done"} else "error" if "stalled" in states else "running"
+    event = {"status": status, "stages": [p.to_dict() for p in polls],
+             "done": sum(p.done for p in polls), "total": sum(p.total for p in polls)}
+    if status == "error":
+        stalled = next(p for p in polls if p.state == "stalled")
+        event["message"] = (f"stage {stalled.stage}: the queue drained with {stalled.total - stalled.done} tasks "
+                            f"not done ({stalled.dead} dead-lettered; see the dead-letter queue)")
+    return event
+
+
+def as_stages(stages: int | str | Sequence[int]) -> list[int]:
+    """Stages as given to a sensor: one int, a list, or their rendered template text."""
+    if isinstance(stages, str):
+        stages = [int(s) for s in stages.strip("[] ").replace(",", " ").split()]
+    return [int(stages)] if isinstance(stages, int) else [int(s) for s in stages]
 
 
 class StageDoneTrigger(BaseTrigger):
-    """Fires when every chunk of a stage is done, or when the queue has drained
-    without finishing it (the rest is dead-lettered): then the event is an error."""
+    """Fires when every task of the stages is done, or when one stalls (its queue drained,
+    confirmed on two polls, with tasks not done: the rest is dead-lettered): an error then.
 
-    def __init__(self, spec_url: str, queue_url: str, stage: int, aws_conn_id: str | None = "aws_default",
+    Each poll reads the workers' tallies, never the whole marker listing
+    (:class:`chunk_ops.submit.StageWatch`).
+    """
+
+    def __init__(self, spec_url: str, queue_url: str, stages: list[int], aws_conn_id: str | None = "aws_default",
                  poll_interval: float = 10.0):
         super().__init__()
         self.spec_url = spec_url
         self.queue_url = queue_url
-        self.stage = stage
+        self.stages = as_stages(stages)
         self.aws_conn_id = aws_conn_id
         self.poll_interval = poll_interval
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
             f"{type(self).__module__}.{type(self).__qualname__}",
-            {"spec_url": self.spec_url, "queue_url": self.queue_url, "stage": self.stage,
+            {"spec_url": self.spec_url, "queue_url": self.queue_url, "stages": self.stages,
              "aws_conn_id": self.aws_conn_id, "poll_interval": self.poll_interval},
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        watches = await asyncio.to_thread(open_watches, self.spec_url, self.queue_url, self.stages, self.aws_conn_id)
         while True:
-            progress = await asyncio.to_thread(
-                stage_progress, self.spec_url, self.queue_url, self.stage, self.aws_conn_id)
-            if progress["done"] == progress["total"]:
-                yield TriggerEvent({"status": "success", **progress})
+            event = await asyncio.to_thread(poll_watches, watches)
+            if event["status"] != "running":
+                yield TriggerEvent(event)
                 return
-            if progress["visible"] == 0 and progress["in_flight"] == 0:
-                yield TriggerEvent({"status": "error", **progress,
-                                    "message": "the queue drained with chunks not done (see the dead-letter queue)"})
-                return
-            self.log.info("stage %s: %d of %d chunks done; queue visible %d, in flight %d, dead %d",
-                          self.stage, progress["done"], progress["total"], progress["visible"],
-                          progress["in_flight"], progress["dead"])
+            self.log.info("stages %s: %d of %d tasks done; %s", self.stages, event["done"], event["total"],
+                          "; ".join(f"stage {p['stage']}: queue visible {p['visible']}, leased {p['in_flight']}, "
+                                    f"dead {p['dead']}" for p in event["stages"]))
             await asyncio.sleep(self.poll_interval)

@@ -1,0 +1,194 @@
+"""Scale simulation: a job of a million chunks or more, with the network skipped.
+
+Everything but the compute path is real: the job spec over a virtual volume (an
+``info`` file and no blocks), validate and plan, ``chunk-ops submit`` onto the embedded
+queue, worker processes leasing, heartbeating, fencing, writing done markers and tallies
+and deleting messages, progress polls, and verification.  The workers' stage runner is
+replaced by one that reads and writes no voxels (``noop_task``), so what is measured is
+the per-chunk overhead of the machinery itself.
+
+Workers run for ``--work-seconds`` (a 2-core machine does a few hundred chunks a
+second); the chunks they did not reach are then marked done by the same calls a worker
+makes (``Job.mark_done`` and a tally), so polls and verification run against the full
+million markers.  Figures are extrapolated to ten million chunks and to a petavoxel in
+docs/scale.md.
+
+    .venv/bin/python bench/scale.py --chunks 1048576 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHUNK = (256, 256, 24)  # the demo's chunking
+DOC = ROOT / "docs" / "scale.md"
+
+
+def grid_for(chunks: int) -> tuple[int, int, int]:
+    """A chunk grid of at least ``chunks`` chunks: x = y, z a quarter of x (a slab-like volume)."""
+    side = 1
+    while side * side * max(1, side // 4) < chunks:
+        side += 1
+    return side, side, max(1, side // 4)
+
+
+def setup(workdir: Path, chunks: int) -> tuple[Path, dict]:
+    from chunk_ops.geometry import Box, Vec3
+    from chunk_ops.models.demo import write_demo_job
+    from chunk_ops.volumes import create_volume
+
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    grid = grid_for(chunks)
+    size = Vec3.of([g * c for g, c in zip(grid, CHUNK)])
+    image_url = f"file://{workdir}/image"
+    create_volume(image_url, bounds=Box((0, 0, 0), size), block_size=Vec3(256, 256, 24), dtype="uint8",
+                  num_channels=1, resolution=(4, 4, 40))  # an info file only: a virtual volume
+    doc = write_demo_job(workdir, image_url, f"file://{workdir}/affinities")
+    doc["postprocess"] = {"pyramid_levels": 0, "segmentation": {"method": "none"}}
+    doc["queue"] = {"url": f"file://{workdir}/queue.sqlite"}
+    path = workdir / "job.json"
+    path.write_text(json.dumps(doc, indent=2))
+    return path, doc
+
+
+def noop_task(job, task, fence):
+    """The network, merge and post-processing skipped: no voxel read or written."""
+    from chunk_ops.stages import ChunkStats
+
+    fence()
+    return ChunkStats(voxels=task.box.size), {}
+
+
+def worker_main(queue_url: str, seconds: float) -> None:
+    """A real worker process whose stage runner is ``noop_task``; stops after ``seconds``."""
+    import threading
+
+    import chunk_ops.worker as worker_module
+    from chunk_ops.worker import Worker, WorkerConfig
+
+    worker_module.run_task = noop_task
+    worker = Worker(WorkerConfig(queue_url, idle_exit_s=5, visibility_timeout_s=60, pool="sim", threads=1))
+    threading.Timer(seconds, lambda: setattr(worker, "stopping_since", time.time())).start()
+    summary = worker.run()
+    print(json.dumps({"done": summary.done, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def timed_child(command: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """(seconds, peak RSS MB, stdout) of a child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"{command} failed: {proc.stderr[-2000:]}")
+    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, proc.stdout
+
+
+def best_of(fn, rounds: int = 3) -> float:
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chunks", type=int, default=1_048_576)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--work-seconds", type=float, default=120.0)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "scale")
+    parser.add_argument("--write", action="store_true", help="write docs/scale.md")
+    parser.add_argument("--worker", nargs=2, metavar=("QUEUE", "SECONDS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker_main(args.worker[0], float(args.worker[1]))
+
+    from chunk_ops.job import Job
+    from chunk_ops.queues.stages import StageQueues
+    from chunk_ops.submit import StageWatch, check_stage_done
+    from chunk_ops.stages import ChunkStats
+    from chunk_ops.tally import TallyWriter, read_stage_tally
+
+    figures: dict = {"chunks_requested": args.chunks}
+    path, doc = setup(args.workdir, args.chunks)
+    cli = [sys.executable, "-m", "chunk_ops.cli"]
+
+    seconds, _, out = timed_child([*cli, "validate", str(path), "--json"])
+    validate = json.loads(out)
+    figures["validate_s"] = round(seconds, 1)
+    figures["validate_warnings"] = validate.get("warnings", [])
+    seconds, rss, out = timed_child([*cli, "submit", str(path), "--yes", "--json"])
+    figures.update(submit_s=round(seconds, 1), submit_peak_rss_mb=round(rss))
+    job = Job.open(doc)
+    n = len(job.plan)
+    figures.update(chunks=n, voxels=job.roi.size, grid=job.plan.grid_shape.to_list())
+    figures["submit_ms_per_chunk"] = round(1000 * seconds / n, 4)
+    queues = StageQueues(doc["queue"]["url"])
+
+    # real workers, the network skipped
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", queues.url, str(args.work_seconds)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(args.workers)]
+    results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    wall = time.perf_counter() - t0
+    done = sum(r["done"] for r in results)
+    figures.update(workers=args.workers, worker_wall_s=round(wall, 1), worker_chunks=done,
+                   worker_chunks_per_s=round(done / wall, 1),
+                   worker_ms_per_chunk=round(1000 * wall * args.workers / max(done, 1), 2),
+                   worker_peak_rss_mb=round(max(r["rss_mb"] for r in results)))
+
+    # the rest marked done by the calls a worker makes, so polls and verification see every marker
+    t0 = time.perf_counter()
+    remaining = ~job.done_mask(1)
+    tally = TallyWriter(job.job_url, 1, "bench-bulk", "bulk")
+    now = time.time()
+    for i in remaining.nonzero()[0]:
+        box = job.plan[int(i)]
+        record = {**ChunkStats(voxels=box.size).to_dict(), "pool": "bulk", "receive_count": 1,
+                  "started_at": now, "finished_at": now}
+        job.mark_done(1, box, record)
+        tally.tally.add(record)  # summed here, written once
+    tally.close()
+    queues.of(1).purge()
+    figures["bulk_marked"] = int(remaining.sum())
+    figures["bulk_mark_s"] = round(time.perf_counter() - t0, 1)
+
+    watch = StageWatch(job, 1, lambda: queues.counts(1))
+    poll_s = best_of(lambda: read_stage_tally(job.job_url, 1))
+    listing_s = best_of(lambda: job.done_mask(1), rounds=2)
+    first_poll = time.perf_counter()
+    state = watch.poll()
+    first_poll = time.perf_counter() - first_poll
+    t0 = time.perf_counter()
+    check_stage_done(job, None, 1)
+    verify_s = time.perf_counter() - t0
+    figures.update(poll_s=round(poll_s, 5), listing_s=round(listing_s, 2),
+                   poll_over_listing=round(poll_s / listing_s, 6), watch_state=state.state,
+                   completing_poll_s=round(first_poll, 2), verify_s=round(verify_s, 2),
+                   tally_files=state.files_read,
+                   bench_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    print(json.dumps(figures, indent=2))
+    if args.write:
+        write_doc(figures)
+
+
+def write_doc(f: dict) -> None:
+    raise NotImplementedError
+
+
+if __name__ == "__main__":
+    main()
