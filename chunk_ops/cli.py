@@ -239,8 +239,9 @@ def _open_worker_queues(url: str, create: bool):
 @click.option("--tasks-in-flight", type=click.IntRange(min=0), default=0, show_default=True,
               help="tasks at once, sharing the model, so reads and writes overlap the network; "
                    "0: 2 on a machine with a CUDA GPU, else 1")
-@click.option("--stages", default="1,2", show_default=True,
-              help="stages this worker serves (1: network, 2: merge); GPU workers: 1")
+@click.option("--stages", default="1,2,3,4,5,6", show_default=True,
+              help="stages this worker serves (1: network, 2: merge, 3-6: post-processing, served "
+                   "together: blockwise segmentation and the pyramid); GPU workers: 1")
 @click.option("--task-deadline", type=click.FloatRange(min=0, min_open=True), default=7200.0, show_default=True,
               help="seconds after which a task (e.g. a hung read) is given back and the worker exits 75")
 @click.option("--spec-prefix", "spec_prefixes", multiple=True, envvar="CHUNK_OPS_SPEC_PREFIXES",
@@ -261,7 +262,7 @@ def worker(queue_url: str, visibility_timeout: float, idle_exit: float, create_q
     try:
         served = tuple(sorted({int(x) for x in stages.split(",") if x.strip()}))
     except ValueError:
-        raise click.BadParameter(f"{stages!r} is not a comma-separated list of stages (1, 2)") from None
+        raise click.BadParameter(f"{stages!r} is not a comma-separated list of stages (1 to 6)") from None
     w = Worker(WorkerConfig(queue_url, visibility_timeout_s=visibility_timeout, idle_exit_s=idle_exit,
                             grace_s=grace, max_tasks=max_tasks, pool=pool, tasks_in_flight=tasks_in_flight,
                             stages=served, task_deadline_s=task_deadline, spec_prefixes=spec_prefixes,

@@ -138,7 +138,7 @@ def read_stage_tally(job_url: str, stage: int, *, compact: bool = False) -> Stag
     files = storage.files_at(job_url)
     prefix = progress_prefix(stage)
     names = [n for n in storage.list_folder(files, prefix) if n.endswith(".json")]
-    contents = {r["path"]: r["content"] for r in files.get(names)} if names else {}
+    contents = storage.get_all(files, names)
     compacted: dict[str, dict] = {}
     live: dict[str, Tally] = {}
     for name, data in contents.items():

@@ -3,10 +3,11 @@
 Stage 1 (the network) uses the queue URL as given; stage 2 (merges) a sibling
 named after it (``sqs://name`` -> ``sqs://name-merge``, ``file:///q.sqlite`` ->
 ``file:///q-merge.sqlite``); the post-processing stages (3-6: blockwise segmentation,
-pyramid) share a third, ``-post``: CPU work, each task naming its stage.  A GPU worker told ``--stages 1`` never even sees a
-merge, by construction: stage-2 tasks are never on its queue.  (One shared queue
-cannot do that: a worker that receives a task it does not serve and puts it back
-still counts a receive towards the dead-letter limit.)
+pyramid) share a third, ``-post``: CPU work, each task naming its stage, served together.
+A GPU worker told ``--stages 1`` never even sees a merge, by construction: stage-2
+tasks are never on its queue.  (One shared queue cannot do that: a worker that
+receives a task it does not serve and puts it back still counts a receive towards
+the dead-letter limit.)
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
     create_volume(url, ...)      a new single-mip layer (then open it)
     volume_exists(url)           is there a layer at url?
     layer_folder(url)            the storage folder for files that go with a layer (a job's)
-    mip_count(url), add_mip(url, factor)   the levels of a pyramid (precomputed, OME-Zarr)
+    mip_count(url), add_mip(url, factor, mip)   the levels of a pyramid (precomputed, OME-Zarr)
 
 A URL is a storage URL (``file://``, ``gs://``, ``s3://``, ``http(s)://``, ``mem://``),
 which is a Neuroglancer precomputed layer (cloud-volume), or a format prefix in
@@ -137,10 +137,12 @@ def supports_mips(url: str) -> bool:
     return format_class(url)[0].multiscale
 
 
-def add_mip(url: str, factor: Vec3) -> int:
-    """Add a level ``factor`` coarser than the layer's top one; returns its mip."""
+def add_mip(url: str, factor: Vec3, mip: int) -> int:
+    """Make sure the layer has level ``mip``, ``factor`` coarser than level ``mip - 1``
+    (which must exist); returns ``mip``.  A level that is there already is left as it is,
+    so two runs that both found it missing add it once."""
     cls, location = format_class(url)
-    return cls.add_mip(location, factor)
+    return cls.add_mip(location, factor, mip)
 
 
 __all__ = [

@@ -89,19 +89,23 @@ class OmeZarrVolume(TensorStoreVolume):
         return len(_multiscale(location, location)[1]["datasets"])
 
     @classmethod
-    def add_mip(cls, location: str, factor: Vec3) -> int:
-        """A level ``factor`` coarser than the top one, placed as cloud-volume places a
-        precomputed layer's next scale: level 0's offset and size divided by the whole
-        factor from level 0, the offset rounded down, the size up."""
+    def add_mip(cls, location: str, factor: Vec3, mip: int) -> int:
+        """Level ``mip``, ``factor`` coarser than level ``mip - 1``, placed as cloud-volume
+        places a precomputed layer's next scale: level 0's offset and size divided by the
+        whole factor from level 0, the offset rounded down, the size up.  Its dataset path
+        is its index, so two runs that add the same level write the same metadata."""
         attributes, image = _multiscale(location, location)
-        base, top = cls(location, 0), cls(location, len(image["datasets"]) - 1)
-        total = Vec3.of([round(t / b) * f for t, b, f in zip(top.resolution, base.resolution, factor)])
+        new = cls._level_to_add(location, len(image["datasets"]), mip)
+        if new is None:
+            return mip
+        base, below = cls(location, 0), cls(location, new - 1)
+        total = Vec3.of([round(t / b) * f for t, b, f in zip(below.resolution, base.resolution, factor)])
         bounds = Box.from_shape(base.bounds.start // total, base.bounds.shape.ceildiv(total))
         resolution = plain_resolution(r * f for r, f in zip(base.resolution, total))
-        mip, path = len(image["datasets"]), str(len(image["datasets"]))
-        create_zarr_array(location, location, version=2, shape=bounds.shape, block_size=top.block_size,
-                          dtype=top.dtype.name, num_channels=top.num_channels, attributes={}, path=path,
+        path = str(new)
+        create_zarr_array(location, location, version=2, shape=bounds.shape, block_size=below.block_size,
+                          dtype=below.dtype.name, num_channels=below.num_channels, attributes={}, path=path,
                           replace=True)  # a level a crash left unlisted
         image["datasets"].append(_dataset(path, bounds, resolution))
         write_json(kvstore(location), ".zattrs", attributes)
-        return mip
+        return new

@@ -84,3 +84,17 @@ def test_a_pods_command_and_env_process_tasks_from_sqs(dagbag, make_spec, moto_s
     assert job.done_mask(1).all()
     assert queue.counts(1).pending == 0
     assert {r["pool"] for r in job.done_records(1)} == {"cpu"}
+
+
+def test_pod_tasks_defer_and_gpu_pods_take_a_gpu_pool_slot(dagbag):
+    """Pods wait in the triggerer, not in a worker slot (tests/dags/test_pod_slots.py shows
+    it under `airflow standalone`); GPU pods share the cluster's GPUs through one Airflow pool."""
+    from chunkflow_airflow.utils.pods import GPU_POOL
+
+    dag = dagbag.get_dag("chunkflow_inference")
+    for stage, pool in ((1, "gpu"), (1, "cpu"), (2, "cpu")):
+        task = dag.get_task(f"{pool}_pool_stage{stage}")
+        assert task.task_type == "KubernetesPodOperator"
+        assert task.partial_kwargs["deferrable"] is True
+        assert task.partial_kwargs["retries"] == 5  # a preempted pod's task is retried with a new pod
+        assert task.pool == (GPU_POOL if pool == "gpu" else "default_pool")

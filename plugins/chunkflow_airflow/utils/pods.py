@@ -1,5 +1,11 @@
 """Worker pods for spot/preemptible node pools: one KubernetesPodOperator per worker.
 
+The pod tasks are deferrable: a task creates its pod, then hands the wait to the triggerer
+and gives its Airflow worker slot back until the pod ends, so a run's 64 GPU and 128 CPU
+pods need no 192 worker slots (``[core] parallelism``). GPU pods also take a slot of the
+Airflow pool ``GPU_POOL`` for as long as they live (created with ``--include-deferred``),
+so concurrent runs share the cluster's GPUs instead of each sizing itself as if alone.
+
 Node selectors and tolerations follow each cloud's conventions:
 - GKE: spot nodes carry ``cloud.google.com/gke-spot=true`` (and the matching taint
   when the pool is tainted); GPU nodes are tainted ``nvidia.com/gpu``.
@@ -10,6 +16,7 @@ Node selectors and tolerations follow each cloud's conventions:
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 
 from kubernetes.client import models as k8s
 
@@ -33,6 +40,33 @@ WORKER_UID = 10001
 POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "runAsUser": WORKER_UID, "runAsGroup": WORKER_UID,
                         "fsGroup": WORKER_UID, "seccompProfile": {"type": "RuntimeDefault"}}
 CONTAINER_SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+# The Airflow pool of GPU pods: slots = the cluster's GPUs (one pod, one GPU). Create it with
+# deferred tasks counted, since a GPU pod's task is deferred for most of the pod's life:
+#   airflow pools set chunk_ops_gpu 64 "GPU worker pods (cluster GPUs)" --include-deferred
+GPU_POOL = "chunk_ops_gpu"
+
+
+def pod_operator_kwargs(pool: str) -> dict:
+    """What every pod of a cloud pool shares: ``KubernetesPodOperator.partial`` arguments
+    (the DAG's pod pools; the tests render and run pods from the same arguments)."""
+    kwargs = {
+        "cmds": ["chunk-ops"],
+        "container_resources": WORKER_RESOURCES[pool],
+        "get_logs": True,
+        "on_finish_action": "delete_pod",
+        "retries": 5,  # a preempted pod fails its task; the retry starts a new pod
+        "retry_delay": timedelta(seconds=30),
+        "retry_exponential_backoff": True,
+        "startup_timeout_seconds": 900,  # scale-up from zero nodes, image pull
+        # the pod's wait runs in the triggerer: no worker slot is held while the pod runs
+        "deferrable": True,
+        "poll_interval": 10,  # seconds between the triggerer's reads of a pod's phase
+    }
+    if pool == "gpu":
+        kwargs["pool"] = GPU_POOL
+    return kwargs
 
 
 def check_pools(workers: dict, queue_url: str) -> None:
