@@ -57,14 +57,26 @@ def test_dag_test_end_to_end_with_the_embedded_queue(dagbag, make_spec):
     from chunk_ops.stages import reference_pass
     from chunk_ops.volumes import open_volume
 
+    from chunk_ops.segment import adapted_rand_error, components
+
     dag = dagbag.get_dag("chunkflow_inference")
-    spec = make_spec()
+    spec = make_spec(out_channels=3)
     spec["workers"] = {"local": 2, "idle_exit_s": 1}
+    # segmentation as chunk tasks on the post queue (label, stitch, relabel, write), pyramid blocks too
+    spec["postprocess"] = {"segmentation": {"method": "components", "threshold": 0.5, "mode": "blockwise"}}
     run = _run(dag, spec)
     assert run.state == "success", run.state
     job = Job.open(spec)
     out = open_volume(spec["output"]["url"], 0).read(job.roi)
     assert np.abs(out - reference_pass(job)).max() <= 1e-5
+    labels = open_volume(job.spec.segmentation["url"], 0).read(job.roi)[0]
+    single = components(out, 0.5)
+    assert adapted_rand_error(single, labels) == 0.0 and adapted_rand_error(labels, single) == 0.0
+    assert all(job.done_mask(stage).all() for stage in (3, 4, 5))
+    posts = {ti.task_id: ti.xcom_pull(task_ids=ti.task_id) for ti in run.get_task_instances()
+             if ti.task_id.startswith("enqueue_post")}
+    assert posts["enqueue_post1"] == len(job.plan) + len(job.stage_plan(6, 1))  # labels, first pyramid level
+    assert posts["enqueue_post2"] == len(job.plan)  # relabelled writes
     report = json.loads((Path(spec["output"]["url"].removeprefix("file://")) / "jobs" / job.id / "report.json").read_text())
     assert report["amplification"] == 1.0 and report["patches_evaluated"] == len(job.grid)
     assert report["per_pool"]["local"]["tasks"] == 2 * len(job.plan)  # both stages, all by the local pool
@@ -80,6 +92,9 @@ def test_dag_test_end_to_end_with_the_embedded_queue(dagbag, make_spec):
     sent = {ti.task_id: ti.xcom_pull(task_ids=ti.task_id) for ti in again.get_task_instances()
             if ti.task_id.startswith("enqueue_stage")}
     assert sent == {"enqueue_stage1": 0, "enqueue_stage2": 0}  # a rerun skips every chunk
+    posts = {ti.task_id: ti.xcom_pull(task_ids=ti.task_id) for ti in again.get_task_instances()
+             if ti.task_id.startswith("enqueue_post")}
+    assert posts == {"enqueue_post1": 0, "enqueue_post2": 0}
 
 
 def test_dag_test_segments_with_the_bundled_network_and_reports_quality(dagbag, tmp_path):
