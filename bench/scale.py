@@ -154,7 +154,7 @@ def main() -> None:
     # the rest marked done by the calls a worker makes, so polls and verification see every marker
     t0 = time.perf_counter()
     remaining = ~job.done_mask(1)
-    tally = TallyWriter(job.job_url, 1, "bench-bulk", "bulk")
+    tally = TallyWriter(job.job_url, job.stage_folder(1), "bench-bulk", "bulk")
     now = time.time()
     for i in remaining.nonzero()[0]:
         box = job.plan[int(i)]
@@ -168,8 +168,8 @@ def main() -> None:
     figures["bulk_mark_s"] = round(time.perf_counter() - t0, 1)
 
     watch = StageWatch(job, 1, lambda: queues.counts(1))
-    read_stage_tally(job.job_url, 1)  # warm: imports, first opens
-    poll_s = best_of(lambda: (read_stage_tally(job.job_url, 1), queues.counts(1)))
+    read_stage_tally(job.job_url, job.stage_folder(1))  # warm: imports, first opens
+    poll_s = best_of(lambda: (read_stage_tally(job.job_url, job.stage_folder(1)), queues.counts(1)))
     listing_s = best_of(lambda: job.done_mask(1), rounds=2)
     first_poll = time.perf_counter()
     state = watch.poll()

@@ -284,12 +284,16 @@ def status(job: dict, queue_url: str | None, as_json: bool) -> None:
 
     opened = Job.open(job)
     state = job_status(opened, StageQueues(queue_url or default_queue_url(opened)))
+    from .queues.stages import POST_STAGES
+    from .task import STAGE_NAMES
+
     lines = [f"job {state.job_id}"]
     for stage, progress in state.stages.items():
         counts = state.queues[stage]
         eta = f", ETA {progress.eta_s:.0f} s" if progress.eta_s else ""
-        lines.append(f"stage {stage}: {progress.done}/{progress.total} chunks done; queue: {counts.visible} "
-                     f"waiting, {counts.in_flight} leased, {counts.dead} dead{eta}")
+        queue = "post queue (stages 3-6)" if stage in POST_STAGES else "queue"
+        lines.append(f"stage {stage} ({STAGE_NAMES[stage]}): {progress.done}/{progress.total} tasks done; {queue}: "
+                     f"{counts.visible} waiting, {counts.in_flight} leased, {counts.dead} dead{eta}")
     lines += [f"dead letter: {body}" for body in state.dead_letters]
     _output(state.to_dict(), as_json, "\n".join(lines))
 

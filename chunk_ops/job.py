@@ -16,6 +16,7 @@ stores the spec.  What a job keeps next to its output::
                                        stage 1, the partial sum's sha256); the pyramid's
                                        (stage 6) under done/stage6/mip<k>/
     <output>/jobs/<job id>/progress/stage<n>/  the workers' tallies (:mod:`.tally`)
+                                       (segmentation's stages: stage<n>-<settings hash>)
     <output>/jobs/<job id>/report.json what the run did
 
 The job id hashes everything that changes the output, so a rerun of the same job
@@ -318,18 +319,31 @@ class Job:
         that holds one level)."""
         if stage != PYRAMID:
             return [0]
-        from .volumes import supports_mips
+        from .volumes import mip_count, supports_mips, volume_exists
 
-        return list(range(1, self.spec.postprocess["pyramid_levels"] + 1)) if supports_mips(self.spec.output_url) else []
+        url = self.spec.output_url
+        if not (supports_mips(url) and volume_exists(url)):
+            return []
+        # the levels made so far (post-processing adds them before sending their tasks)
+        return list(range(1, min(self.spec.postprocess["pyramid_levels"], mip_count(url) - 1) + 1))
 
     def stage_total(self, stage: int) -> int:
         """Tasks a stage has in all (the pyramid: the blocks of every level)."""
         return sum(len(self.stage_plan(stage, mip)) for mip in self.stage_levels(stage))
 
     # --- done markers --------------------------------------------------------------
-    @staticmethod
-    def _done_prefix(stage: int, mip: int = 0) -> str:
-        return f"done/stage{stage}/" + (f"mip{mip}/" if mip else "")
+    def stage_folder(self, stage: int) -> str:
+        """The folder name of a stage's markers and tallies.  Segmentation's stages (3-5) add
+        a hash of the settings that change their labels (postprocess is not in the job id):
+        a rerun with a new threshold starts them afresh instead of finding them done."""
+        if stage not in (3, 4, 5):
+            return f"stage{stage}"
+        options = self.spec.segmentation
+        key = json.dumps([options["method"], options["threshold"], options["url"]], separators=(",", ":"))
+        return f"stage{stage}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+    def _done_prefix(self, stage: int, mip: int = 0) -> str:
+        return f"done/{self.stage_folder(stage)}/" + (f"mip{mip}/" if mip else "")
 
     def mark_done(self, stage: int, chunk: Box, record: dict, mip: int = 0) -> None:
         name = f"{self._done_prefix(stage, mip)}{ChunkPlan.chunk_id(chunk)}.json"

@@ -140,7 +140,7 @@ def run_stage_here(job: Job, stage: int, order: list[int] | None = None, mip: in
     done = job.done_mask(stage, mip)
     indices = range(len(plan)) if order is None else [i for i in order if i < len(plan)]
     todo = [i for i in indices if not done[i]]
-    tally = TallyWriter(job.job_url, stage, f"{IN_PROCESS_POOL}:{os.getpid()}:{uuid.uuid4().hex[:6]}", IN_PROCESS_POOL)
+    tally = TallyWriter(job.job_url, job.stage_folder(stage), f"{IN_PROCESS_POOL}:{os.getpid()}:{uuid.uuid4().hex[:6]}", IN_PROCESS_POOL)
     name = f"stage {stage} ({STAGE_NAMES[stage]}{f' mip {mip}' if mip else ''})"
     with Progress(len(plan), name, unit="tasks", initial=len(plan) - len(todo)) as bar:
         for i in todo:

@@ -75,7 +75,7 @@ class JobStatus:
 
 def stage_status(job: Job, stage: int) -> StageStatus:
     """Where a stage stands, from the workers' tallies (no marker listing)."""
-    tally = read_stage_tally(job.job_url, stage)
+    tally = read_stage_tally(job.job_url, job.stage_folder(stage))
     total = job.stage_total(stage)
     rate = eta = None
     first = min((t.started_at for t in tally.tallies), default=0.0)
@@ -140,7 +140,7 @@ class StageWatch:
         return missing
 
     def poll(self) -> StagePoll:
-        tally = read_stage_tally(self.job.job_url, self.stage, compact=self.compact)
+        tally = read_stage_tally(self.job.job_url, self.job.stage_folder(self.stage), compact=self.compact)
         counts = self.counts()
         listed = False
         if self.missing is None and tally.tasks >= self.total:
@@ -238,7 +238,7 @@ def run_report(job: Job, wall_s: float | None = None) -> RunReport:
     both stages exactly (reads a file per worker); else from the done markers, read one by
     one (a tally lost with a killed worker, a chunk done twice at once, a job begun before
     tallies)."""
-    tallies = {stage: read_stage_tally(job.job_url, stage) for stage in (1, 2)}
+    tallies = {stage: read_stage_tally(job.job_url, job.stage_folder(stage)) for stage in (1, 2)}
     if any(t.tasks != len(job.plan) for t in tallies.values()):
         log.info("tallies of job %s count %s chunks of %d: the report reads every marker",
                  job.id, [t.tasks for t in tallies.values()], len(job.plan))

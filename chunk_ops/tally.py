@@ -36,8 +36,9 @@ from .stages import ChunkStats
 COMPACTED = "compacted.json"
 
 
-def progress_prefix(stage: int) -> str:
-    return f"progress/stage{stage}/"
+def progress_prefix(folder: str) -> str:
+    """Where a stage's tallies are, by its folder name (``Job.stage_folder``)."""
+    return f"progress/{folder}/"
 
 
 def _file_name(worker: str) -> str:
@@ -88,9 +89,9 @@ class Tally:
 class TallyWriter:
     """A worker's tally for one job and stage, written after every chunk it finishes."""
 
-    def __init__(self, job_url: str, stage: int, worker: str, pool: str):
+    def __init__(self, job_url: str, folder: str, worker: str, pool: str):
         self.files = storage.files_at(job_url)
-        self.name = progress_prefix(stage) + _file_name(worker)
+        self.name = progress_prefix(folder) + _file_name(worker)
         self.tally = Tally(worker, pool)
         self._lock = threading.Lock()  # task threads of one worker share it
 
@@ -131,12 +132,12 @@ class StageTally:
         return pools
 
 
-def read_stage_tally(job_url: str, stage: int, *, compact: bool = False) -> StageTally:
+def read_stage_tally(job_url: str, folder: str, *, compact: bool = False) -> StageTally:
     """The stage's tallies: one listing of its progress folder (a file per live worker,
     plus the compacted one) and a read of each.  ``compact``: fold the tallies of workers
     that have exited into the compacted file (only the stage's one waiter may)."""
     files = storage.files_at(job_url)
-    prefix = progress_prefix(stage)
+    prefix = progress_prefix(folder)
     names = [n for n in storage.list_folder(files, prefix) if n.endswith(".json")]
     contents = storage.get_all(files, names)
     compacted: dict[str, dict] = {}

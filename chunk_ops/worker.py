@@ -377,7 +377,7 @@ class Worker:
         with self._lock:
             key = (job.job_url, stage)
             if key not in self._tallies:
-                self._tallies[key] = TallyWriter(job.job_url, stage, self._tally_name, self.config.pool)
+                self._tallies[key] = TallyWriter(job.job_url, job.stage_folder(stage), self._tally_name, self.config.pool)
             return self._tallies[key]
 
     def _send_follow_ups(self, job: Job, task: Task) -> None:

@@ -210,6 +210,9 @@ def demo(workdir: Path, port: int) -> int:
     print(f"2/4 starting airflow standalone (log: {airflow.home / 'standalone.log'})", flush=True)
     airflow.start()
     airflow.wait_for_dag()
+    # the pool GPU worker pods take a slot of (none run here; without it the DAG shows a warning)
+    airflow.request("POST", "/api/v2/pools", {"name": "chunk_ops_gpu", "slots": 1, "include_deferred": True,
+                                              "description": "GPU worker pods (docs/kubernetes.md)"})
     status, run = airflow.trigger(job)
     if status != 200:
         print(f"trigger refused: HTTP {status} {run}", file=sys.stderr)

@@ -90,7 +90,7 @@ def test_submit_workers_and_status_over_sqs(make_spec, tmp_path, moto_sqs):
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     assert report["stages"]["1"]["done"] == report["stages"]["2"]["done"] == 27
-    assert report["queues"] == {str(s): {"visible": 0, "in_flight": 0, "dead": 0, "pending": 0} for s in (1, 2)}
+    assert report["queues"] == {str(s): {"visible": 0, "in_flight": 0, "dead": 0, "pending": 0} for s in range(1, 7)}
     assert report["stages"]["1"]["voxels_per_s"] > 0 and report["stages"]["1"]["eta_s"] == 0
 
     finished = _chunk_ops("finish", str(job_file), "--queue", queue, "--json", cwd=tmp_path)

@@ -41,6 +41,11 @@ def _same_partition(a: np.ndarray, b: np.ndarray) -> None:
     assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
 
 
+def _layer_files(job: Job) -> dict[str, bytes]:
+    """The output layer's files (its scales and the segmentation layer), not the job's records."""
+    return {name: data for name, data in _files(job.spec.output_url).items() if not name.startswith("jobs/")}
+
+
 def _single_task_labels(job: Job) -> np.ndarray:
     return components(open_volume(job.spec.output_url, 0).read(job.roi), job.spec.segmentation["threshold"])
 
@@ -57,13 +62,21 @@ def test_blockwise_components_in_a_random_order_equal_the_single_task(make_spec)
     # every post-processing task has its marker, and the pyramid is the single-task one, byte for byte
     for stage in (3, 4, 5):
         assert job.done_mask(stage).all()
-    distributed = _files(job.spec.output_url)
+    distributed = _layer_files(job)
     build_pyramid(job.spec.output_url, 2)
-    assert _files(job.spec.output_url) == distributed
+    assert _layer_files(job) == distributed
     assert report.pyramid_chunks == [len(job.stage_plan(6, mip)) for mip in (1, 2)]
     # a rerun finds every marker: the same files, no new mip
     pipeline.run_job(Job.open(job.spec.to_dict()))
     assert len(json.loads(Path(job.spec.output_url.removeprefix("file://"), "info").read_text())["scales"]) == 3
+    assert _layer_files(job) == distributed
+    # a new threshold is not in the job id, but segmentation's stages start afresh for it
+    spec = job.spec.to_dict()
+    spec["postprocess"]["segmentation"]["threshold"] = 0.6
+    again = Job.open(spec)
+    assert again.id == job.id and not again.done_mask(3).any()
+    pipeline.run_job(again, order=order)
+    _same_partition(open_volume(again.spec.segmentation["url"], 0).read(again.roi)[0], _single_task_labels(again))
 
 
 def test_a_post_processing_worker_killed_mid_task_is_redone_by_the_pool(make_spec, tmp_path):

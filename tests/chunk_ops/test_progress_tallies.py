@@ -48,11 +48,11 @@ def test_tallies_count_each_chunk_once_and_give_the_markers_report(make_spec, tm
                                          "box": job.plan[0].to_dict()}, separators=(",", ":"))])
     assert _work(queues, stages=(1,)).skipped == 1
     for stage in (1, 2):
-        tally = read_stage_tally(job.job_url, stage)
+        tally = read_stage_tally(job.job_url, job.stage_folder(stage))
         assert tally.tasks == len(job.plan)
         assert tally.voxels == job.roi.size
     # three worker processes' worth of files for stage 1, one for stage 2 (the skipping worker wrote none)
-    assert read_stage_tally(job.job_url, 1).files_read == 2
+    assert read_stage_tally(job.job_url, job.stage_folder(1)).files_read == 2
     from_tallies, from_markers = run_report(job).to_dict(), report_from_markers(job).to_dict()
     for key in ("chunks", "voxels", "patches_evaluated", "redeliveries", "amplification"):
         assert from_tallies[key] == from_markers[key]
@@ -66,14 +66,14 @@ def test_compaction_folds_exited_workers_and_keeps_the_count(make_spec, tmp_path
     enqueue_stage(job, queues, 1)
     for _ in range(3):
         _work(queues, stages=(1,), max_tasks=2)
-    before = read_stage_tally(job.job_url, 1)
+    before = read_stage_tally(job.job_url, job.stage_folder(1))
     assert before.files_read == 3 and before.tasks == 6
-    compacted = read_stage_tally(job.job_url, 1, compact=True)
+    compacted = read_stage_tally(job.job_url, job.stage_folder(1), compact=True)
     assert compacted.tasks == 6
-    names = os.listdir(Path(job.job_url.removeprefix("file://")) / progress_prefix(1))
+    names = os.listdir(Path(job.job_url.removeprefix("file://")) / progress_prefix(job.stage_folder(1)))
     assert names == [COMPACTED]
     _work(queues, stages=(1,))
-    after = read_stage_tally(job.job_url, 1, compact=True)
+    after = read_stage_tally(job.job_url, job.stage_folder(1), compact=True)
     assert after.tasks == len(job.plan) and after.files_read == 2  # the compacted file and the new worker's
 
 
