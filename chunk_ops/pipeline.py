@@ -80,7 +80,7 @@ class PlanEstimate:
 
 MANY_CHUNKS = 1_000_000  # past this, each chunk's fixed costs (messages, markers) add up: say so
 REQUESTS_PER_CHUNK = 10  # queue requests: send, receive, a lease renewal per write, delete; two stages
-FILES_PER_CHUNK = 4  # a done marker and a tally write per stage
+WRITES_PER_CHUNK = 4  # a done marker and a tally rewrite per stage
 
 
 def plan_warnings(job: Job) -> list[str]:
@@ -93,7 +93,7 @@ def plan_warnings(job: Job) -> list[str]:
         size = Vec3(size.x * 2, size.y * 2, size.z)
     fewer = len(ChunkPlan(job.roi, size, job.plan.origin))
     return [f"{n:,} chunks: about {REQUESTS_PER_CHUNK * n / 1e6:,.0f} million queue requests and "
-            f"{FILES_PER_CHUNK * n / 1e6:,.0f} million small files (done markers, tallies) besides the output; "
+            f"{WRITES_PER_CHUNK * n / 1e6:,.0f} million small writes (done markers, tallies) besides the output; "
             f"chunk_size {size.to_list()} gives {fewer:,} chunks (a multiple of the storage block "
             f"{job.spec.block_size.to_list()}; partial sums grow with it)"]
 

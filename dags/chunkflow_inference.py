@@ -53,6 +53,8 @@ with DAG(
 
         document = spec_from_params(params)
         job = pipeline.validate(document, probe_queue=False)  # the queue is reached through a connection
+        for warning in pipeline.plan_warnings(job):
+            print(f"warning: {warning}")
         check_pools(section_with_defaults("workers", document.get("workers")), default_queue_url(job))
         return document
 

@@ -156,3 +156,20 @@ def test_verification_finds_an_output_block_missing_despite_its_marker(make_spec
     victim.unlink()
     with pytest.raises(StageIncomplete, match=victim.name.removesuffix(".gz")):
         finish(job)
+
+
+def test_validate_warns_about_a_job_of_millions_of_chunks_and_names_a_chunk_size(make_spec, tmp_path):
+    from chunk_ops.geometry import Box, Vec3
+    from chunk_ops.pipeline import MANY_CHUNKS, plan_warnings
+    from chunk_ops.volumes import create_volume
+
+    spec = make_spec()
+    assert plan_warnings(Job.open(spec)) == []
+    huge = f"file://{tmp_path}/huge"  # an info file only: a virtual volume of 2.7 million chunks
+    create_volume(huge, bounds=Box((0, 0, 0), (16 * 150, 16 * 150, 4 * 120)), block_size=Vec3(64, 64, 16),
+                  dtype="uint8", num_channels=1, resolution=(4, 4, 40))
+    spec["input"]["url"] = huge
+    job = Job.open(spec)
+    assert len(job.plan) == 150 * 150 * 120 > MANY_CHUNKS
+    (warning,) = plan_warnings(job)
+    assert warning.startswith("2,700,000 chunks") and "chunk_size [64, 64, 4] gives 173,280 chunks" in warning
