@@ -220,6 +220,9 @@ verification saw every marker.
 
     .venv/bin/python bench/scale.py --chunks {f['chunks_requested']} --write
 
+(about 10 minutes; the figures are kept in docs/scale_1m.json, and `--doc-from docs/scale_1m.json`
+rewrites this page from them)
+
 ## Measured ({n:,} chunks)
 
 | what | figure |
