@@ -126,14 +126,20 @@ class Job:
             _model_bytes=model_bytes,
         )
 
+    @staticmethod
+    def read_spec(spec_url: str) -> dict:
+        """The spec document :meth:`prepare` stored."""
+        base, name = spec_url.rsplit("/", 1)
+        document = CloudFiles(base).get_json(name)
+        if document is None:
+            raise SpecError(f"no job spec at {spec_url}")
+        return document
+
     @classmethod
     def from_spec_url(cls, spec_url: str) -> "Job":
         """Open the job whose spec was stored by :meth:`prepare`."""
-        base, name = spec_url.rsplit("/", 1)
-        files = CloudFiles(base)
-        document = files.get_json(name)
-        if document is None:
-            raise SpecError(f"no job spec at {spec_url}")
+        document = cls.read_spec(spec_url)
+        files = CloudFiles(spec_url.rsplit("/", 1)[0])
         recorded = {r["path"]: r["content"] for r in files.get(["model.sha256", "definition.sha256"])}
         model, definition = (recorded.get(n).decode() if recorded.get(n) else None
                              for n in ("model.sha256", "definition.sha256"))

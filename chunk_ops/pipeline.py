@@ -21,12 +21,13 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import numpy as np
 from cloudfiles import CloudFiles
 
 from . import storage
-from .downsample import FACTOR, ensure_mips
+from .downsample import ensure_mips
 from .engines import THREADS_ENV, local_share
 from .geometry import Box, ChunkPlan, Vec3
 from .job import Job
@@ -34,7 +35,7 @@ from .progress import Progress, event
 from .queues.stages import StageQueues
 from .report import neuroglancer_link, write_report
 from .segment import segment_job
-from .stages import RunReport, lower_face_neighbours, marker_record, run_task
+from .stages import RunReport, lower_face_neighbours, marker_record, pyramid_children, run_task
 from .submit import (StageIncomplete, StageWatch, check_output_blocks, check_stage_done, default_queue_url,
                      enqueue_stage, run_report)
 from .tally import TallyWriter
@@ -274,32 +275,40 @@ def phase_stages(job: Job, phase: int) -> list[int]:
     return [5] if blockwise else []
 
 
-def phase_tasks(job: Job, phase: int) -> list[Task]:
-    """A phase's tasks that are ready and not done: a fresh run's first tasks, and a rerun's
-    way back in wherever the last one stopped (one listing of each stage's markers)."""
-    tasks: list[Task] = []
+def phase_tasks(job: Job, phase: int) -> Iterator[Task]:
+    """A phase's tasks that are ready and not done, streamed in stage order: a fresh run's
+    first tasks, and a rerun's way back in wherever the last one stopped (one listing of each
+    stage's markers)."""
     blockwise = segmentation_mode(job) == "blockwise"
     new = lambda stage, box, mip=0: Task(job.id, job.spec_url, stage, box, mip)  # noqa: E731
     if phase == 2:
-        return [new(5, job.plan[int(i)]) for i in np.flatnonzero(~job.done_mask(5))] if blockwise else []
+        if blockwise:
+            yield from (new(5, job.plan[int(i)]) for i in np.flatnonzero(~job.done_mask(5)))
+        return
     if blockwise:
         labelled, stitched = job.done_mask(3), job.done_mask(4)
-        tasks += [new(3, job.plan[int(i)]) for i in np.flatnonzero(~labelled)]
+        yield from (new(3, job.plan[int(i)]) for i in np.flatnonzero(~labelled))
         if labelled.any():
             for i in np.flatnonzero(labelled & ~stitched):
                 box = job.plan[int(i)]
                 if all(labelled[job.plan.index_of(n)] for n in lower_face_neighbours(job, box)):
-                    tasks.append(new(4, box))
+                    yield new(4, box)
     below = None
     for mip in job.stage_levels(PYRAMID):
         plan, done = job.stage_plan(PYRAMID, mip), job.done_mask(PYRAMID, mip)
         for i in np.flatnonzero(~done):
             box = plan[int(i)]
-            if below is None or all(below[1][below[0].index_of(b)] for b in
-                                    below[0].chunks_meeting(Box(box.start * FACTOR, box.stop * FACTOR))):
-                tasks.append(new(PYRAMID, box, mip))
+            if below is None or all(below[1][below[0].index_of(b)] for b in pyramid_children(below[0], box)):
+                yield new(PYRAMID, box, mip)
         below = (plan, done)
-    return tasks
+
+
+def send_phase(job: Job, queues: StageQueues, phase: int) -> int:
+    """Send a phase's ready tasks to the post queue, in batches as they are made; how many."""
+    sent = 0
+    for stage, tasks in itertools.groupby(phase_tasks(job, phase), key=lambda t: t.stage):
+        sent += queues.of(stage).send_batch(t.to_json() for t in tasks)
+    return sent
 
 
 def relabel(job: Job) -> dict:
@@ -361,10 +370,7 @@ def post_with_pool(job: Job, queues: StageQueues, workers: int, **pool_options) 
     prepare_post(job)
     relabelled: dict = {}
     for phase in (1, 2):
-        tasks = phase_tasks(job, phase)
-        if tasks:
-            for stage, group in itertools.groupby(tasks, key=lambda t: t.stage):
-                queues.of(stage).send_batch(t.to_json() for t in group)
+        if send_phase(job, queues, phase):
             drain_with_pool(job, queues, workers, phase_stages(job, phase), **pool_options)
         if phase == 1:
             relabelled = relabel(job)

@@ -33,7 +33,7 @@ import numpy as np
 
 from .blend import window_3d
 from .engines import Predictor
-from .geometry import Box, Vec3
+from .geometry import Box, ChunkPlan, Vec3
 from .job import BadPartial, Job, NotReady
 from .task import PYRAMID, Task
 
@@ -194,11 +194,18 @@ def run_stage2(job: Job, chunk: Box, fence: Fence = _no_fence) -> tuple[ChunkSta
     t2 = time.perf_counter()
     fence()
     job.output.write(chunk, result)
+    # verification at the source: the chunk's blocks are stored (one existence check each),
+    # so the run's verification adds up counts instead of listing every block of the layer
+    missing = job.output.missing_blocks(chunk)
+    if missing:
+        raise RuntimeError(f"output blocks {missing[:3]} of chunk {chunk.to_filename()} are not stored "
+                           f"after their write ({len(missing)} missing)")
     stats.read_s += t1 - t0
     stats.blend_s += t2 - t1
     stats.write_s += time.perf_counter() - t2
     stats.patches = redo.patches  # patches of redone stage-1 work count in the amplification
-    return stats, {"stage1_redone_patches": redo.patches} if redo.patches else {}
+    extra = {"blocks": len(job.output.block_names(chunk))} if missing is not None else {}
+    return stats, {**extra, "stage1_redone_patches": redo.patches} if redo.patches else extra
 
 
 def run_pyramid_block(job: Job, box: Box, mip: int, fence: Fence = _no_fence) -> tuple[ChunkStats, dict]:
@@ -255,11 +262,19 @@ def follow_ups(job: Job, task: Task) -> list[Task]:
         from .downsample import FACTOR
 
         below, above = job.stage_plan(PYRAMID, task.mip), job.stage_plan(PYRAMID, task.mip + 1)
-        parent = above.chunks_meeting(Box(task.box.start // FACTOR, task.box.start // FACTOR + 1))[0]
-        under = Box(parent.start * FACTOR, parent.stop * FACTOR).intersection(below.roi)
-        if all(job.is_done(PYRAMID, b, task.mip) for b in below.chunks_meeting(under) if b != task.box):
-            return [Task(job.id, job.spec_url, PYRAMID, parent, task.mip + 1)]
+        # a level's bounds are rounded from mip 0's, so a block may lie under two parents
+        parents = above.chunks_meeting(Box(task.box.start // FACTOR, task.box.stop.ceildiv(FACTOR)))
+        return [Task(job.id, job.spec_url, PYRAMID, parent, task.mip + 1) for parent in parents
+                if all(job.is_done(PYRAMID, b, task.mip) for b in pyramid_children(below, parent)
+                       if b != task.box)]
     return []
+
+
+def pyramid_children(below: ChunkPlan, parent: Box) -> list[Box]:
+    """The blocks of the level below that a pyramid block is built from."""
+    from .downsample import FACTOR
+
+    return below.chunks_meeting(Box(parent.start * FACTOR, parent.stop * FACTOR))
 
 
 def _upper_face_neighbours(job: Job, chunk: Box) -> list[Box]:

@@ -102,6 +102,13 @@ def get_all(files: "CloudFiles", names: list[str]) -> dict[str, bytes | None]:
     return {r["path"]: r["content"] for r in files.get(names)} if names else {}
 
 
+def exists_all(files: "CloudFiles", names: list[str]) -> dict[str, bool]:
+    """Whether each file exists; one by one on local disk, as :func:`get_all`."""
+    if files.protocol == "file":
+        return {name: files.exists(name) for name in names}
+    return dict(files.exists(names)) if names else {}
+
+
 def list_folder(files: "CloudFiles", prefix: str) -> list[str]:
     """The names directly in folder ``prefix`` (no deeper); none if it does not exist yet
     (cloud-files' flat listing of a missing local folder raises)."""

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .geometry import Box
+from .geometry import Box, ChunkPlan
 from .job import Job
 from .queues import QueueCounts
 from .queues.stages import STAGES, StageQueues
@@ -118,26 +118,45 @@ class StageWatch:
     """Decides, poll by poll, whether a stage is done, still running, or stalled.
 
     A poll reads the workers' tallies (:mod:`.tally`), not the done markers, so it costs
-    the same at a hundred chunks as at ten million.  The markers decide only twice:
-    when the tallies reach the stage's total (one listing; any chunk still missing is
-    then checked on its own each poll), and when the queue reads empty on two polls in a
-    row with no progress between them, before the stage is called stalled.  SQS's counts
-    are approximate and may read 0 for a moment while tasks are visible or leased; a
-    single such reading never fails a stage.
+    the same at a hundred chunks as at ten million.  The markers decide only when the
+    tallies reach the stage's total (one listing; chunks still missing are then looked up
+    on their own, or listed again when there are many), and before a stage is called
+    stalled: the queue must read empty on every poll for ``stall_after_s`` (two polls at
+    least) with no progress.  SQS's counts are approximate and may read 0 for a while
+    (AWS says up to about a minute) with tasks visible or leased; that never fails a stage.
     """
 
-    def __init__(self, job: Job, stage: int, counts: Callable[[], QueueCounts], *, compact: bool = True):
-        self.job, self.stage, self.counts, self.compact = job, stage, counts, compact
-        self.total = job.stage_total(stage)
-        self.missing: list[tuple[int, Box]] | None = None  # known once the markers were listed
-        self._drained_tasks: int | None = None  # the tally when the queue last read empty
+    RECHECK_ONE_BY_ONE = 1000  # more missing chunks than this: list again rather than one read each
 
-    def _list_missing(self) -> list[tuple[int, Box]]:
-        missing = []
-        for mip in self.job.stage_levels(self.stage):
+    def __init__(self, job: Job, stage: int, counts: Callable[[], QueueCounts], *, compact: bool = True,
+                 stall_after_s: float = 60.0):
+        self.job, self.stage, self.counts, self.compact = job, stage, counts, compact
+        self.stall_after_s = stall_after_s
+        self.total = job.stage_total(stage)
+        self.missing: dict[int, np.ndarray] | None = None  # plan indices by mip, once the markers were listed
+        self._drained: tuple[float, int, int] | None = None  # since when the queue reads empty, tally, polls
+
+    def _list_missing(self) -> dict[int, np.ndarray]:
+        return {mip: np.flatnonzero(~self.job.done_mask(self.stage, mip)) for mip in self.job.stage_levels(self.stage)}
+
+    def missing_boxes(self, limit: int | None = None) -> list[tuple[int, Box]]:
+        """(mip, box) of missing tasks, up to ``limit`` (after a listing)."""
+        out = []
+        for mip, indices in (self.missing or {}).items():
             plan = self.job.stage_plan(self.stage, mip)
-            missing += [(mip, plan[int(i)]) for i in np.flatnonzero(~self.job.done_mask(self.stage, mip))]
-        return missing
+            out += [(mip, plan[int(i)]) for i in indices[: None if limit is None else limit - len(out)]]
+        return out
+
+    def _count_missing(self) -> int:
+        return sum(len(v) for v in self.missing.values()) if self.missing is not None else -1
+
+    def _recheck(self) -> None:
+        if self._count_missing() > self.RECHECK_ONE_BY_ONE:
+            self.missing = self._list_missing()
+            return
+        self.missing = {mip: np.array([i for i in indices if not self.job.is_done(
+            self.stage, self.job.stage_plan(self.stage, mip)[int(i)], mip)], dtype=np.int64)
+            for mip, indices in self.missing.items()}
 
     def poll(self) -> StagePoll:
         tally = read_stage_tally(self.job.job_url, self.job.stage_folder(self.stage), compact=self.compact)
@@ -145,19 +164,25 @@ class StageWatch:
         listed = False
         if self.missing is None and tally.tasks >= self.total:
             self.missing, listed = self._list_missing(), True
-        elif self.missing:
-            self.missing = [(mip, box) for mip, box in self.missing if not self.job.is_done(self.stage, box, mip)]
+        elif self._count_missing() > 0:
+            listed = self._count_missing() > self.RECHECK_ONE_BY_ONE
+            self._recheck()
+        now = time.monotonic()
         drained = counts.visible == 0 and counts.in_flight == 0
-        if drained and self._drained_tasks == tally.tasks and self.missing is None:
-            self.missing, listed = self._list_missing(), True  # empty twice, no progress: the markers decide
-        if self.missing == []:
+        if not drained or self._drained is None or self._drained[1] != tally.tasks:
+            self._drained = (now, tally.tasks, 1) if drained else None
+        else:
+            self._drained = (self._drained[0], tally.tasks, self._drained[2] + 1)
+        quiet = self._drained is not None and self._drained[2] >= 2 and now - self._drained[0] >= self.stall_after_s
+        if quiet and self.missing is None:
+            self.missing, listed = self._list_missing(), True  # empty for long, no progress: the markers decide
+        if self._count_missing() == 0:
             state = "done"
-        elif drained and self._drained_tasks == tally.tasks and self.missing is not None:
+        elif quiet:
             state = "stalled"
         else:
             state = "running"
-        self._drained_tasks = tally.tasks if drained else None
-        done = self.total - len(self.missing) if self.missing is not None else min(tally.tasks, self.total)
+        done = self.total - self._count_missing() if self.missing is not None else min(tally.tasks, self.total)
         return StagePoll(self.stage, state, done, self.total, counts.visible, counts.in_flight, counts.dead,
                          tally.files_read, listed)
 
@@ -182,30 +207,51 @@ class StageIncomplete(RuntimeError):
 
 def check_stage_done(job: Job, queues: StageQueues | None, stage: int) -> None:
     """Verification: every task of the stage has its done marker (one listing, names only)."""
-    missing = StageWatch(job, stage, lambda: QueueCounts(0, 0, 0))._list_missing()
-    if missing:
+    watch = StageWatch(job, stage, lambda: QueueCounts(0, 0, 0))
+    watch.missing = watch._list_missing()
+    if watch._count_missing():
         where = f"; queue {queues.counts(stage)}; dead letters: {queues.dead_letters(3)}" if queues else ""
-        first = ", ".join(box.to_filename() for _, box in missing[:3])
-        raise StageIncomplete(f"stage {stage} of job {job.id}: {len(missing)} of {job.stage_total(stage)} tasks "
-                              f"not done (first: {first}){where}")
+        first = ", ".join(box.to_filename() for _, box in watch.missing_boxes(3))
+        raise StageIncomplete(f"stage {stage} of job {job.id}: {watch._count_missing()} of {job.stage_total(stage)} "
+                              f"tasks not done (first: {first}){where}")
+
+
+LIST_BLOCKS_UP_TO = 1_000_000  # about 1,000 LIST requests on an object store
 
 
 def check_output_blocks(job: Job) -> int:
-    """Verification: every storage block of the output inside the region is stored (one
-    listing of the layer's blocks, names only); returns how many were checked, 0 where the
-    format cannot say (one log line)."""
-    expected = job.output.block_names(job.roi)
-    if expected is None:
-        log.info("output %s: its format does not list blocks; verified by the markers only", job.spec.output_url)
+    """Verification: every storage block of the output inside the region is stored.
+
+    Up to ``LIST_BLOCKS_UP_TO`` blocks the layer is listed (a block deleted after its merge
+    is found too).  Above that, listing costs hours (640 million blocks at ten million
+    chunks), so the proof is the merges': each checked its own blocks right after writing
+    them and counted them in its tally, and the counts must add up to the region's blocks;
+    if they do not (a tally lost or doubled, a job begun before tallies), the layer is
+    listed after all.  Listing goes a column of blocks at a time, so memory stays at one
+    column.  Returns the blocks in the region, 0 where the format cannot name its blocks."""
+    output = job.output
+    blocks = ChunkPlan(job.roi, output.block_size, output.bounds.start)
+    if output.block_names(blocks[0]) is None:
+        log.info("output %s: its format does not name blocks; verified by the markers only", job.spec.output_url)
         return 0
-    stored = job.output.stored_block_names()
-    missing = [name for name in expected if name not in stored]
+    if len(blocks) > LIST_BLOCKS_UP_TO:
+        tallied = sum(t.blocks for t in read_stage_tally(job.job_url, job.stage_folder(2)).tallies)
+        if tallied == len(blocks):
+            return tallied
+        log.info("output %s: merges counted %d of %d blocks; listing them", job.spec.output_url, tallied, len(blocks))
+    missing, first = 0, []
+    for x0, x1 in blocks.axis_bounds(0):
+        column = Box((x0, job.roi.start.y, job.roi.start.z), (x1, job.roi.stop.y, job.roi.stop.z))
+        stored = output.stored_block_names(f"{x0}-{x1}_")
+        absent = [name for name in output.block_names(column) if name not in stored]
+        missing += len(absent)
+        first += absent[: 3 - len(first)]
     if missing:
-        raise StageIncomplete(f"output {job.spec.output_url}: {len(missing)} of {len(expected)} storage blocks in "
-                              f"the region are missing although every merge is marked done (first: "
-                              f"{', '.join(missing[:3])}); the layer was changed after the merge: rerun the job "
-                              f"after removing done/stage2 markers of those chunks")
-    return len(expected)
+        raise StageIncomplete(f"output {job.spec.output_url}: {missing} of {len(blocks)} storage blocks in the region "
+                              f"are missing although every merge is marked done (first: {', '.join(first)}); the "
+                              f"layer was changed after the merge: rerun the job after removing the done/stage2 "
+                              f"markers of those chunks")
+    return len(blocks)
 
 
 def report_from_markers(job: Job, wall_s: float | None = None,

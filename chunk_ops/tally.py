@@ -55,6 +55,7 @@ class Tally:
     voxels: int = 0
     seconds: float = 0.0  # summed task durations
     redeliveries: int = 0
+    blocks: int = 0  # output blocks the merges found stored after writing them
     started_at: float = math.inf
     finished_at: float = 0.0
     stats: ChunkStats = field(default_factory=ChunkStats)
@@ -67,6 +68,7 @@ class Tally:
         self.voxels += record["voxels"]
         self.seconds += record["finished_at"] - record["started_at"]
         self.redeliveries += record["receive_count"] - 1
+        self.blocks += record.get("blocks", 0)
         self.started_at = min(self.started_at, record["started_at"])
         self.finished_at = max(self.finished_at, record["finished_at"])
         self.stats.add(ChunkStats(**{k: record[k] for k in ChunkStats.__dataclass_fields__}))

@@ -289,9 +289,12 @@ class Worker:
         prefixes = self.config.spec_prefixes
         if prefixes and not any(task.spec_url.startswith(p) for p in prefixes):
             raise TaskError(f"task spec {task.spec_url} is not under this worker's spec prefixes {list(prefixes)}")
+        # a rerun of the same job may store new post-processing settings (not in the job id):
+        # post-processing tasks look at the stored spec again (one small read)
+        document = Job.read_spec(task.spec_url) if task.stage in POST_STAGES else None
         with self._lock:  # task threads share one opened job (and its loaded model)
             job = self.jobs.get(task.spec_url)
-            if job is None:
+            if job is None or (document is not None and job.spec.to_dict() != document):
                 job = self.jobs[task.spec_url] = Job.from_spec_url(task.spec_url)
         if job.id != task.job_id:
             raise TaskError(f"task names job {task.job_id} but {task.spec_url} is job {job.id}")

@@ -136,18 +136,13 @@ with DAG(
     @task
     def enqueue_post(info: dict, phase: int) -> int:
         """A post-processing phase's ready tasks not done yet, on the post queue; how many were sent."""
-        import itertools
-
         from chunk_ops import pipeline
         from chunk_ops.job import Job
         from chunkflow_airflow.hooks.chunk_queue import ChunkQueueHook
 
         job = Job.from_spec_url(info["spec_url"])
         queues = ChunkQueueHook(info["queue_url"], info["aws_conn_id"], info["max_receives"]).get_queues(create=True)
-        tasks = pipeline.phase_tasks(job, phase)
-        for stage, group in itertools.groupby(tasks, key=lambda t: t.stage):
-            queues.of(stage).send_batch(t.to_json() for t in group)
-        return len(tasks)
+        return pipeline.send_phase(job, queues, phase)
 
     @task
     def relabel(info: dict) -> dict:

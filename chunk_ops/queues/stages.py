@@ -55,7 +55,7 @@ class StageQueues:
 
     @property
     def max_receives(self) -> int:
-        return self._queues[1].max_receives
+        return self._queues[self.url].max_receives
 
     def get(self, stage: int) -> TaskQueue | None:
         """The stage's queue, or None while it does not exist yet."""

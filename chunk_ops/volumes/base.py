@@ -113,9 +113,14 @@ class Volume(ABC):
         where the format keeps blocks where they cannot be listed by name."""
         return None
 
-    def stored_block_names(self) -> set[str]:
-        """The names of the blocks this level holds (one listing)."""
+    def stored_block_names(self, prefix: str = "") -> set[str]:
+        """The names of the blocks this level holds whose names start with ``prefix`` (a listing)."""
         raise NotImplementedError
+
+    def missing_blocks(self, box: Box) -> list[str] | None:
+        """The blocks covering ``box`` that are not stored (one existence check each); None
+        where the format cannot name its blocks."""
+        return None
 
     def black_out(self, sections: Iterable[int]) -> None:
         """Read the z sections ``sections`` as ``fill_value`` from now on."""

@@ -117,7 +117,16 @@ class PrecomputedVolume(Volume):
         return [meta.join(meta.key(self.mip), Bbox(b.start.to_list(), b.stop.to_list()).to_filename())
                 for b in ChunkPlan(box, self.block_size, self.bounds.start)]
 
-    def stored_block_names(self) -> set[str]:
-        meta = self._cv.meta
-        files = storage.files_at(self._cv.cloudpath, progress=False, secrets=self._cv.config.secrets)
-        return set(storage.list_folder(files, meta.key(self.mip) + "/"))
+    def _files(self):
+        return storage.files_at(self._cv.cloudpath, progress=False, secrets=self._cv.config.secrets)
+
+    def stored_block_names(self, prefix: str = "") -> set[str]:
+        folder = self._cv.meta.key(self.mip) + "/"
+        return set(storage.list_folder(self._files(), folder + prefix))
+
+    def missing_blocks(self, box: Box) -> list[str] | None:
+        names = self.block_names(box)
+        if names is None:
+            return None
+        found = storage.exists_all(self._files(), names)
+        return [name for name in names if not found[name]]

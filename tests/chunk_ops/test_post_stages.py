@@ -87,7 +87,7 @@ def test_a_post_processing_worker_killed_mid_task_is_redone_by_the_pool(make_spe
     pipeline.finish(job)
     queues = StageQueues(f"file://{tmp_path}/{uuid.uuid4().hex[:8]}.sqlite", create=True)
     pipeline.prepare_post(job)
-    tasks = pipeline.phase_tasks(job, 1)
+    tasks = list(pipeline.phase_tasks(job, 1))
     assert {t.stage for t in tasks} == {3, 6}  # labels and the first pyramid level; stitches follow
     for stage in (3, 6):
         queues.of(stage).send_batch(t.to_json() for t in tasks if t.stage == stage)
@@ -99,7 +99,7 @@ def test_a_post_processing_worker_killed_mid_task_is_redone_by_the_pool(make_spe
     victim.wait()
     pipeline.drain_with_pool(job, queues, 2, pipeline.phase_stages(job, 1), visibility_timeout_s=5)
     relabelled = pipeline.relabel(job)
-    queues.of(5).send_batch(t.to_json() for t in pipeline.phase_tasks(job, 2))
+    assert pipeline.send_phase(job, queues, 2) == len(job.plan)
     pipeline.drain_with_pool(job, queues, 2, pipeline.phase_stages(job, 2), visibility_timeout_s=5)
     result = pipeline.segment(job, relabelled)
     labels = open_volume(job.spec.segmentation["url"], 0).read(job.roi)[0]

@@ -105,7 +105,7 @@ def test_a_tally_over_the_total_is_checked_against_the_markers(make_spec, tmp_pa
     watch = StageWatch(job, 1, lambda: queues.counts(1))
     poll = watch.poll()
     assert (poll.state, poll.done, poll.listed) == ("running", len(job.plan) - 1, True)
-    assert watch.missing == [(0, missing)]
+    assert watch.missing_boxes() == [(0, missing)]
     _work(queues, stages=(1,))
     poll = watch.poll()
     assert (poll.state, poll.listed) == ("done", False)  # the one missing chunk was looked up on its own
@@ -129,9 +129,13 @@ def test_one_empty_reading_never_fails_a_stage_whose_tasks_are_queued_or_leased(
     enqueue_stage(job, queues, 1)
     leased = queues.of(1).receive(2, visibility_timeout=60)  # two chunks leased, the rest visible
     assert len(leased) == 2
-    watch = StageWatch(job, 1, FlickeringCounts(queues, 1, zero_on={2, 4, 6}))
+    watch = StageWatch(job, 1, FlickeringCounts(queues, 1, zero_on={2, 4, 6}), stall_after_s=0)
     states = [watch.poll().state for _ in range(7)]
     assert states == ["running"] * 7
+    # empty on several polls in a row, but for less than stall_after_s: still running
+    patient = StageWatch(job, 1, FlickeringCounts(queues, 1, zero_on={1, 2, 3, 4}), stall_after_s=60)
+    assert [patient.poll().state for _ in range(5)] == ["running"] * 5
+    assert patient.missing is None  # and no marker listing either
 
 
 def test_a_queue_empty_twice_with_chunks_not_done_is_stalled(make_spec, tmp_path):
@@ -140,7 +144,7 @@ def test_a_queue_empty_twice_with_chunks_not_done_is_stalled(make_spec, tmp_path
     enqueue_stage(job, queues, 1)
     _work(queues, stages=(1,), max_tasks=3)
     queues.of(1).purge()  # the rest lost, as if dead-lettered
-    watch = StageWatch(job, 1, lambda: queues.counts(1))
+    watch = StageWatch(job, 1, lambda: queues.counts(1), stall_after_s=0)
     assert watch.poll().state == "running"  # one empty reading is not enough
     stalled = watch.poll()
     assert (stalled.state, stalled.done, stalled.listed) == ("stalled", 3, True)
@@ -173,3 +177,44 @@ def test_validate_warns_about_a_job_of_millions_of_chunks_and_names_a_chunk_size
     assert len(job.plan) == 150 * 150 * 120 > MANY_CHUNKS
     (warning,) = plan_warnings(job)
     assert warning.startswith("2,700,000 chunks") and "chunk_size [64, 64, 4] gives 173,280 chunks" in warning
+
+
+def test_a_merge_whose_block_did_not_land_fails_naming_it(make_spec, monkeypatch):
+    from chunk_ops.stages import run_stage1, run_stage2
+
+    job = _prepared(make_spec)
+    chunk = job.plan[0]
+    for box in job.contributors(chunk):
+        job.mark_done(1, box, {"finished_at": 1.0, "partial_pieces": run_stage1(job, box)[1]["partial_pieces"]})
+    stats, extra = run_stage2(job, chunk)
+    assert extra["blocks"] == len(job.output.block_names(chunk)) == 8  # 16x16x4 chunks of 8x8x2 blocks
+    # a store that drops one block of the write (an eventually consistent or failing backend)
+    lost = job.output.block_names(chunk)[1]
+    folder = Path(job.spec.output_url.removeprefix("file://"))
+    write = type(job.output)._write_aligned
+
+    def drop_one(self, box, data):
+        write(self, box, data)
+        next(folder.glob(lost + "*")).unlink()
+
+    monkeypatch.setattr(type(job.output), "_write_aligned", drop_one)
+    with pytest.raises(RuntimeError, match=lost):
+        run_stage2(job, chunk)
+
+
+def test_above_the_listing_limit_the_merges_counts_are_the_proof(make_spec, monkeypatch):
+    import chunk_ops.submit as submit
+
+    job = _prepared(make_spec)
+    run_job(job)
+    monkeypatch.setattr(submit, "LIST_BLOCKS_UP_TO", 10)
+    listed = []
+    real = type(job.output).stored_block_names
+    monkeypatch.setattr(type(job.output), "stored_block_names", lambda self, p="": listed.append(p) or real(self, p))
+    assert submit.check_output_blocks(job) == len(job.output.block_names(job.roi))
+    assert listed == []  # the tallies added up: nothing listed
+    tally = Path(job.job_url.removeprefix("file://")) / "progress" / job.stage_folder(2)
+    for name in tally.iterdir():
+        name.unlink()  # tallies lost: the layer is listed after all
+    assert submit.check_output_blocks(job) == len(job.output.block_names(job.roi))
+    assert listed == ["0-8_", "8-16_", "16-24_", "24-32_", "32-40_"]  # a listing per column of 8-voxel blocks

@@ -24,7 +24,7 @@ def prepared(make_spec, tmp_path):
 def _trigger(job, queue):
     from chunkflow_airflow.triggers.chunk_queue import StageDoneTrigger
 
-    return StageDoneTrigger(job.spec_url, queue.url, 1, aws_conn_id=None, poll_interval=0.2)
+    return StageDoneTrigger(job.spec_url, queue.url, 1, aws_conn_id=None, poll_interval=0.2, stall_after_s=0.5)
 
 
 def _first_event(trigger, timeout: float):

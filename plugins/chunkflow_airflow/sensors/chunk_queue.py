@@ -20,7 +20,7 @@ class StageDoneSensor(BaseSensorOperator):
     template_fields: Sequence[str] = ("spec_url", "queue_url", "stages", "aws_conn_id")
 
     def __init__(self, *, spec_url: str, queue_url: str, stages: int | Sequence[int] | str,
-                 aws_conn_id: str | None = "aws_default",
+                 aws_conn_id: str | None = "aws_default", stall_after_s: float = 60.0,
                  deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=True),
                  **kwargs: Any):
         super().__init__(**kwargs)
@@ -28,6 +28,7 @@ class StageDoneSensor(BaseSensorOperator):
         self.queue_url = queue_url
         self.stages = stages
         self.aws_conn_id = aws_conn_id
+        self.stall_after_s = stall_after_s  # the queue empty this long, no progress, tasks missing: fail
         self.deferrable = deferrable
         self._watches: list | None = None  # kept across pokes (poke mode)
 
@@ -40,7 +41,8 @@ class StageDoneSensor(BaseSensorOperator):
         if not as_stages(self.stages):
             return True  # nothing to wait for (e.g. no post-processing)
         if self._watches is None:
-            self._watches = open_watches(self.spec_url, self.queue_url, as_stages(self.stages), self.aws_conn_id)
+            self._watches = open_watches(self.spec_url, self.queue_url, as_stages(self.stages), self.aws_conn_id,
+                                         self.stall_after_s)
         return self._check(poll_watches(self._watches))
 
     def execute(self, context) -> Any:
@@ -50,7 +52,7 @@ class StageDoneSensor(BaseSensorOperator):
             return None
         self.defer(
             trigger=StageDoneTrigger(self.spec_url, self.queue_url, as_stages(self.stages), self.aws_conn_id,
-                                     poll_interval=self.poke_interval),
+                                     poll_interval=self.poke_interval, stall_after_s=self.stall_after_s),
             method_name="execute_complete",
         )
 

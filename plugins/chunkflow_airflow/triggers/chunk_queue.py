@@ -8,7 +8,8 @@ from typing import Any, AsyncIterator, Sequence
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 
-def open_watches(spec_url: str, queue_url: str, stages: Sequence[int], aws_conn_id: str | None) -> list:
+def open_watches(spec_url: str, queue_url: str, stages: Sequence[int], aws_conn_id: str | None,
+                 stall_after_s: float = 60.0) -> list:
     """A ``chunk_ops.submit.StageWatch`` per stage (blocking I/O: run it in a thread)."""
     from chunk_ops.job import Job
     from chunk_ops.submit import StageWatch
@@ -16,7 +17,8 @@ def open_watches(spec_url: str, queue_url: str, stages: Sequence[int], aws_conn_
 
     job = Job.from_spec_url(spec_url)
     queues = ChunkQueueHook(queue_url, aws_conn_id).get_queues()
-    return [StageWatch(job, stage, lambda stage=stage: queues.counts(stage)) for stage in stages]
+    return [StageWatch(job, stage, lambda stage=stage: queues.counts(stage), stall_after_s=stall_after_s)
+            for stage in stages]
 
 
 def poll_watches(watches: list) -> dict:
@@ -49,23 +51,26 @@ class StageDoneTrigger(BaseTrigger):
     """
 
     def __init__(self, spec_url: str, queue_url: str, stages: list[int], aws_conn_id: str | None = "aws_default",
-                 poll_interval: float = 10.0):
+                 poll_interval: float = 10.0, stall_after_s: float = 60.0):
         super().__init__()
         self.spec_url = spec_url
         self.queue_url = queue_url
         self.stages = as_stages(stages)
         self.aws_conn_id = aws_conn_id
         self.poll_interval = poll_interval
+        self.stall_after_s = stall_after_s
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
             f"{type(self).__module__}.{type(self).__qualname__}",
             {"spec_url": self.spec_url, "queue_url": self.queue_url, "stages": self.stages,
-             "aws_conn_id": self.aws_conn_id, "poll_interval": self.poll_interval},
+             "aws_conn_id": self.aws_conn_id, "poll_interval": self.poll_interval,
+             "stall_after_s": self.stall_after_s},
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        watches = await asyncio.to_thread(open_watches, self.spec_url, self.queue_url, self.stages, self.aws_conn_id)
+        watches = await asyncio.to_thread(open_watches, self.spec_url, self.queue_url, self.stages, self.aws_conn_id,
+                                          self.stall_after_s)
         while True:
             event = await asyncio.to_thread(poll_watches, watches)
             if event["status"] != "running":
