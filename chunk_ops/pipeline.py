@@ -248,6 +248,9 @@ def finish(job: Job, queues: StageQueues | None = None, wall_s: float | None = N
 # lower neighbours are labelled, and the pyramid, each block as soon as the blocks under it
 # are done; then one global relabel; (2) write the relabelled chunks.
 
+SEGMENTATION_WRITTEN = "segmentation_written.json"  # which settings wrote the segmentation layer last
+
+
 def segmentation_mode(job: Job) -> str:
     """none, single (one task over the region: small regions) or blockwise."""
     options = job.spec.segmentation
@@ -265,6 +268,17 @@ def prepare_post(job: Job) -> None:
         from . import segment_blocks
 
         segment_blocks.prepare_layer(job)
+        # done markers of these settings whose labels were overwritten since (by a run with
+        # other settings into the same layer) no longer describe it: those stages run again
+        written = CloudFiles(job.job_url).get_json(SEGMENTATION_WRITTEN)
+        if written and written["url"] == job.spec.segmentation["url"] and written["by"] != job.stage_folder(5) \
+                and job.done_mask(5).any():
+            event(f"segmentation layer {written['url']} was last written by {written['by']}: "
+                  f"{job.stage_folder(5)} runs again")
+            files = CloudFiles(job.job_url)
+            for stage in (3, 4, 5):
+                for prefix in (f"done/{job.stage_folder(stage)}/", f"progress/{job.stage_folder(stage)}/"):
+                    files.delete(list(files.list(prefix=prefix)))
 
 
 def phase_stages(job: Job, phase: int) -> list[int]:
@@ -317,12 +331,12 @@ def relabel(job: Job) -> dict:
         return {}
     from . import segment_blocks
 
-    files = CloudFiles(job.job_url)
-    if job.done_mask(5).all() and files.exists("relabel.json"):
-        return files.get_json("relabel.json")  # a rerun: every chunk is written, the scratch gone
+    files, name = CloudFiles(job.job_url), f"{job.stage_folder(5)}.relabel.json"
+    if job.done_mask(5).all() and files.exists(name):
+        return files.get_json(name)  # a rerun: every chunk is written, the scratch gone
     event(f"relabelling the segments of {len(job.plan)} chunks")
     result = segment_blocks.relabel(job)
-    files.put_json("relabel.json", result)
+    files.put_json(name, result)
     return result
 
 
@@ -330,9 +344,12 @@ def segment(job: Job, relabelled: dict | None = None) -> dict:
     """``postprocess.segmentation``'s result ({} when its method is none): the single task over a
     small region here, or (blockwise, after phase 2) the result of the chunks' tasks."""
     mode = segmentation_mode(job)
+    files = CloudFiles(job.job_url)
     if mode == "single":
         event(f"segmenting {job.roi.size} voxels in one task ({job.spec.segmentation['method']})")
-        return segment_job(job)
+        result = segment_job(job)
+        files.put_json(SEGMENTATION_WRITTEN, {"url": job.spec.segmentation["url"], "by": "single task"})
+        return result
     if mode == "blockwise":
         from . import segment_blocks
 
@@ -340,7 +357,8 @@ def segment(job: Job, relabelled: dict | None = None) -> dict:
             check_stage_done(job, None, stage)
         result = segment_blocks.segmentation_result(job, relabelled or {})
         segment_blocks.remove_scratch(job)
-        CloudFiles(job.job_url).put_json("segmentation.json", result)
+        files.put_json("segmentation.json", result)
+        files.put_json(SEGMENTATION_WRITTEN, {"url": job.spec.segmentation["url"], "by": job.stage_folder(5)})
         return result
     return {}
 

@@ -30,8 +30,9 @@ are numbered in order of the smallest global id of their set, so they do not dep
 on the order chunks were processed in.  The relabel holds one entry per label and per
 edge, never voxels.
 
-Scratch, under ``<job scratch>/segmentation/``, every file written whole, deterministic,
-zlib-compressed and self-checking (see :func:`pack`)::
+Scratch, under ``<job scratch>/segmentation/<settings hash>/`` (the hash of
+``Job.stage_folder``: other settings never read these), every file written whole,
+deterministic, zlib-compressed and self-checking (see :func:`pack`)::
 
     labels/<chunk id>   the chunk's labels, (z, y, x) uint32, 1..n
     faces/<chunk id>    first and last slices of the labels along x, y, z, the affinities
@@ -116,8 +117,13 @@ def unpack(data: bytes, what: str) -> tuple[dict, dict[str, np.ndarray]]:
     return header, arrays
 
 
-def _name(kind: str, chunk: Box) -> str:
-    return f"{PREFIX}/{kind}/{ChunkPlan.chunk_id(chunk)}"
+def _folder(job) -> str:
+    """This settings' scratch (a rerun with another threshold never reads the last one's)."""
+    return f"{PREFIX}/{job.stage_folder(3).rsplit('-', 1)[1]}"
+
+
+def _name(job, kind: str, chunk: Box) -> str:
+    return f"{_folder(job)}/{kind}/{ChunkPlan.chunk_id(chunk)}"
 
 
 def _settings(job) -> dict:
@@ -127,7 +133,7 @@ def _settings(job) -> dict:
 
 def _put(job, files: list[tuple[str, bytes]]) -> dict[str, str]:
     job.scratch.puts(files, compress=None)
-    return {name.split("/")[1]: hashlib.sha256(data).hexdigest() for name, data in files}
+    return {name.rsplit("/", 2)[-2]: hashlib.sha256(data).hexdigest() for name, data in files}
 
 
 def _check(job, header: dict, kind: str, chunk: Box, what: str) -> None:
@@ -139,7 +145,7 @@ def _check(job, header: dict, kind: str, chunk: Box, what: str) -> None:
 
 
 def _get(job, kind: str, chunk: Box) -> tuple[dict, dict[str, np.ndarray]]:
-    name = _name(kind, chunk)
+    name = _name(job, kind, chunk)
     what = f"segmentation scratch file {name} of chunk {ChunkPlan.chunk_id(chunk)} in {job.scratch_url}"
     try:
         data = job.scratch.get(name)
@@ -155,7 +161,7 @@ def _get(job, kind: str, chunk: Box) -> tuple[dict, dict[str, np.ndarray]]:
 
 def _get_many(job, kind: str, chunks: list[Box]) -> Iterable[tuple[Box, dict, dict]]:
     """Like :func:`_get` for many chunks, fetched in bulk; yields in the order given."""
-    names = [_name(kind, c) for c in chunks]
+    names = [_name(job, kind, c) for c in chunks]
     found = {r["path"]: r for r in job.scratch.get(names)}
     for chunk, name in zip(chunks, names):
         what = f"segmentation scratch file {name} of chunk {ChunkPlan.chunk_id(chunk)} in {job.scratch_url}"
@@ -263,8 +269,8 @@ def label_chunk(job, chunk: Box, fence: Fence) -> tuple[ChunkStats, dict]:
     faces = _faces(labels, probs)
     if settings["method"] == "watershed":
         faces.update(region_graph(labels, probs))
-    files = [(_name("labels", chunk), pack(_meta(job, "labels", chunk, labels=count), {"labels": labels})),
-             (_name("faces", chunk), pack(_meta(job, "faces", chunk, labels=count), faces))]
+    files = [(_name(job, "labels", chunk), pack(_meta(job, "labels", chunk, labels=count), {"labels": labels})),
+             (_name(job, "faces", chunk), pack(_meta(job, "faces", chunk, labels=count), faces))]
     t2 = time.perf_counter()
     fence()
     digests = _put(job, files)
@@ -330,7 +336,7 @@ def stitch_chunk(job, chunk: Box, fence: Fence) -> tuple[ChunkStats, dict]:
     data = pack(meta, arrays)
     t2 = time.perf_counter()
     fence()
-    digests = _put(job, [(_name("edges", chunk), data)])
+    digests = _put(job, [(_name(job, "edges", chunk), data)])
     stats.read_s += t1 - t0
     stats.write_s += time.perf_counter() - t2
     return stats, {"segment_edges": int(len(arrays["u"])), "segment_sha256": digests}
@@ -457,11 +463,11 @@ def relabel(job) -> dict:
         for i in range(first, min(first + BATCH, len(plan))):
             chunk = plan[i]
             table = np.concatenate([[0], final[offsets[i]:offsets[i + 1]]]).astype(np.uint32)
-            files.append((_name("remap", chunk), pack(_meta(job, "remap", chunk, labels=int(counts[i])),
+            files.append((_name(job, "remap", chunk), pack(_meta(job, "remap", chunk, labels=int(counts[i])),
                                                       {"remap": table})))
         job.scratch.puts(files, compress=None)
     result = {"segments": segments, "labels": nodes, "equivalences": int(len(u))}
-    job.scratch.put_json(f"{PREFIX}/relabel.json", {**result, **settings})
+    job.scratch.put_json(f"{_folder(job)}/relabel.json", {**result, **settings})
     return {**result, "seconds": round(time.perf_counter() - started, 2)}
 
 
@@ -497,8 +503,8 @@ def remove_scratch(job) -> None:
     folder = storage.local_path(job.scratch_url)
     if folder is not None and (folder / PREFIX).is_dir():
         storage.sweep_temporaries(folder / PREFIX)
-        for sub in sorted((folder / PREFIX).iterdir()):
-            if sub.is_dir() and not any(sub.iterdir()):
+        for sub in sorted((p for p in (folder / PREFIX).rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            if not any(sub.iterdir()):  # deepest first: kind folders, then settings folders
                 sub.rmdir()
         if not any((folder / PREFIX).iterdir()):
             (folder / PREFIX).rmdir()

@@ -77,6 +77,11 @@ def test_blockwise_components_in_a_random_order_equal_the_single_task(make_spec)
     assert again.id == job.id and not again.done_mask(3).any()
     pipeline.run_job(again, order=order)
     _same_partition(open_volume(again.spec.segmentation["url"], 0).read(again.roi)[0], _single_task_labels(again))
+    # and back: the first settings' markers are all there, but the layer holds the second's labels
+    back = Job.open(job.spec.to_dict())
+    assert back.done_mask(5).all()
+    pipeline.run_job(back)
+    _same_partition(open_volume(back.spec.segmentation["url"], 0).read(back.roi)[0], _single_task_labels(back))
 
 
 def test_a_post_processing_worker_killed_mid_task_is_redone_by_the_pool(make_spec, tmp_path):

@@ -100,8 +100,13 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
 
 
+def settings_folder(job: Job) -> Path:
+    """The scratch of this job's segmentation settings."""
+    return Path(job.scratch_url[len("file://"):]) / "segmentation" / job.stage_folder(3).rsplit("-", 1)[1]
+
+
 def scratch_files(job: Job) -> dict[str, bytes]:
-    folder = Path(job.scratch_url[len("file://"):]) / "segmentation"
+    folder = settings_folder(job)
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
@@ -202,7 +207,7 @@ def test_a_bad_scratch_file_is_an_error_naming_the_chunk_and_the_file(tmp_path, 
     prepare_layer(job)
     for chunk in job.plan:
         label_chunk(job, chunk, no_fence)
-    folder = Path(job.scratch_url[len("file://"):]) / "segmentation"
+    folder = settings_folder(job)
     lower, upper = job.plan[0], job.plan[1]  # x neighbours: the stitch of ``upper`` reads ``lower``'s faces
     lower_id = ChunkPlan.chunk_id(lower)
     faces = folder / "faces" / lower_id
@@ -210,15 +215,15 @@ def test_a_bad_scratch_file_is_an_error_naming_the_chunk_and_the_file(tmp_path, 
     data = bytearray(faces.read_bytes())
     data[-10] ^= 0xFF  # a flipped bit
     faces.write_bytes(bytes(data))
-    with pytest.raises(BadSegmentScratch, match=rf"segmentation/faces/{lower_id} of chunk {lower_id} .* corrupted"):
+    with pytest.raises(BadSegmentScratch, match=rf"segmentation/[0-9a-f]+/faces/{lower_id} of chunk {lower_id} .* corrupted"):
         stitch_chunk(job, upper, no_fence)
 
     faces.write_bytes(bytes(data[: len(data) // 2]))  # torn: half written
-    with pytest.raises(BadSegmentScratch, match=rf"segmentation/faces/{lower_id} of chunk {lower_id} .* torn"):
+    with pytest.raises(BadSegmentScratch, match=rf"segmentation/[0-9a-f]+/faces/{lower_id} of chunk {lower_id} .* torn"):
         stitch_chunk(job, upper, no_fence)
 
     faces.unlink()
-    with pytest.raises(BadSegmentScratch, match=rf"segmentation/faces/{lower_id} of chunk {lower_id} .* missing: "
+    with pytest.raises(BadSegmentScratch, match=rf"segmentation/[0-9a-f]+/faces/{lower_id} of chunk {lower_id} .* missing: "
                                                  rf"stage 3 \(label\)"):
         stitch_chunk(job, upper, no_fence)
 
@@ -227,13 +232,13 @@ def test_a_bad_scratch_file_is_an_error_naming_the_chunk_and_the_file(tmp_path, 
         stitch_chunk(job, chunk, no_fence)
     relabel(job)
     (folder / "remap" / ChunkPlan.chunk_id(upper)).unlink()
-    with pytest.raises(BadSegmentScratch, match=rf"segmentation/remap/{ChunkPlan.chunk_id(upper)} .* missing: "
+    with pytest.raises(BadSegmentScratch, match=rf"segmentation/[0-9a-f]+/remap/{ChunkPlan.chunk_id(upper)} .* missing: "
                                                  rf"the relabel step"):
         write_chunk(job, upper, no_fence)
 
 
 def test_scratch_of_other_settings_is_refused(tmp_path, components_volume):
-    """postprocess is not part of the job id: a new threshold finds the old scratch."""
+    """postprocess is not part of the job id, but a new threshold never reads the old scratch."""
     _, affs = components_volume
     job = open_job(tmp_path, affs, chunk=(32, 32, 8), block=(16, 16, 4), method="components", threshold=0.7)
     chunk = job.plan[0]
@@ -241,7 +246,13 @@ def test_scratch_of_other_settings_is_refused(tmp_path, components_volume):
     spec = job.spec.to_dict()
     spec["postprocess"]["segmentation"]["threshold"] = 0.8
     other = Job.open(spec)
-    assert other.scratch_url == job.scratch_url
+    assert other.scratch_url == job.scratch_url and settings_folder(other) != settings_folder(job)
+    with pytest.raises(BadSegmentScratch, match=r"missing: stage 3 \(label\) of that chunk has not run"):
+        write_chunk(other, chunk, no_fence)
+    # a file copied in from other settings is refused by its header
+    labels = settings_folder(job) / "labels" / ChunkPlan.chunk_id(chunk)
+    (settings_folder(other) / "labels").mkdir(parents=True)
+    (settings_folder(other) / "labels" / labels.name).write_bytes(labels.read_bytes())
     with pytest.raises(BadSegmentScratch, match=r"made for \{'threshold': 0.7\}.*stale"):
         write_chunk(other, chunk, no_fence)
 
