@@ -320,6 +320,7 @@ class RunReport:
     pyramid_chunks: list = field(default_factory=list)  # chunks written per pyramid level
     reports: dict = field(default_factory=dict)  # report.md/.html/.png URLs
     neuroglancer: str = ""  # viewer link (hosted for gs:// and s3://; see report.py for file://)
+    counted_from: str = "markers"  # where the sums come from: every done marker, or the workers' tallies
 
     @property
     def amplification(self) -> float:

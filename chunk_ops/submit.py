@@ -279,17 +279,25 @@ def report_from_markers(job: Job, wall_s: float | None = None,
     return report
 
 
+MARKERS_FOR_REPORT_UP_TO = 100_000  # chunks; beyond, reading every marker for a report costs too much
+
+
 def run_report(job: Job, wall_s: float | None = None) -> RunReport:
-    """The run's report from the workers' tallies, when they account for every chunk of
-    both stages exactly (reads a file per worker); else from the done markers, read one by
-    one (a tally lost with a killed worker, a chunk done twice at once, a job begun before
-    tallies)."""
+    """The run's report from the workers' tallies (a file per worker).
+
+    When the tallies do not count every chunk exactly (a worker killed between its marker
+    and its tally, a chunk finished twice when a lease expired, a job begun before tallies),
+    the done markers are read one by one instead, up to ``MARKERS_FOR_REPORT_UP_TO`` chunks;
+    above that the tallies stand, and ``counted_from`` says how many chunks they counted.
+    """
     tallies = {stage: read_stage_tally(job.job_url, job.stage_folder(stage)) for stage in (1, 2)}
-    if any(t.tasks != len(job.plan) for t in tallies.values()):
-        log.info("tallies of job %s count %s chunks of %d: the report reads every marker",
-                 job.id, [t.tasks for t in tallies.values()], len(job.plan))
+    counts = [t.tasks for t in tallies.values()]
+    if counts != [len(job.plan)] * 2 and (len(job.plan) <= MARKERS_FOR_REPORT_UP_TO or 0 in counts):
+        log.info("tallies of job %s count %s chunks of %d: the report reads every marker", job.id, counts, len(job.plan))
         return report_from_markers(job, wall_s)
     report = RunReport(job.id, len(job.plan), job.roi.size, 0, len(job.grid), 0.0)
+    report.counted_from = "tallies" if counts == [len(job.plan)] * 2 else \
+        f"tallies: {counts[0]} and {counts[1]} chunks counted in stages 1 and 2, of {len(job.plan)}"
     first, last = float("inf"), 0.0
     for stage, total in ((1, report.stage1), (2, report.stage2)):
         for tally in tallies[stage].tallies:

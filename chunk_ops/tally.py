@@ -102,11 +102,17 @@ class TallyWriter:
             self.tally.add(record)
             self._put()
 
-    def close(self) -> None:
-        with self._lock:
+    def close(self, timeout_s: float = -1) -> None:
+        """Mark the tally final (the waiter then compacts it); ``timeout_s``: give up if a task
+        thread holds it that long (a worker leaving at once)."""
+        if not self._lock.acquire(timeout=timeout_s):
+            return
+        try:
             if self.tally.tasks:
                 self.tally.closed = True
                 self._put()
+        finally:
+            self._lock.release()
 
     def _put(self) -> None:
         self.files.put_json(self.name, self.tally.to_dict())

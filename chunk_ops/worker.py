@@ -283,6 +283,11 @@ class Worker:
                     _event("given_back", message=lease.message_id, reason=reason)
                 except Exception:  # lost already, or the queue is unreachable: it expires
                     pass
+            for tally in list(self._tallies.values()):  # final, so the waiter folds them in
+                try:
+                    tally.close(timeout_s=1.0)
+                except Exception:
+                    pass
             os._exit(code)
 
     def _job(self, task: Task) -> Job:

@@ -54,6 +54,7 @@ def test_tallies_count_each_chunk_once_and_give_the_markers_report(make_spec, tm
     # three worker processes' worth of files for stage 1, one for stage 2 (the skipping worker wrote none)
     assert read_stage_tally(job.job_url, job.stage_folder(1)).files_read == 2
     from_tallies, from_markers = run_report(job).to_dict(), report_from_markers(job).to_dict()
+    assert (from_tallies["counted_from"], from_markers["counted_from"]) == ("tallies", "markers")
     for key in ("chunks", "voxels", "patches_evaluated", "redeliveries", "amplification"):
         assert from_tallies[key] == from_markers[key]
     assert from_tallies["per_pool"]["default"]["tasks"] == from_markers["per_pool"]["default"]["tasks"]
