@@ -137,6 +137,7 @@ def test_a_local_pool_of_two_workers_gives_each_its_share_of_the_cores(make_spec
     spec = make_spec()
     spec["model"] = _torchscript_model(tmp_path)
     spec["inference"]["engine"] = "openvino"
+    spec["postprocess"] = {"pyramid_levels": 0}  # no post-processing pool: one pool of two workers only
     run_job(Job.open(spec), workers=2)
     stderr = capfd.readouterr().err  # the workers' events and logs (this process logs to pytest)
     share = max(1, len(os.sched_getaffinity(0)) // 2)
