@@ -10,15 +10,21 @@ sequence `chunk-ops run` runs too, so both write the same files. Steps:
 3. **stage 1**: enqueue a task per chunk not done yet; local worker tasks, GPU pods and
    CPU pods (spot/preemptible node pools) drain the queue side by side, with standing
    workers outside Airflow (`workers.standing`: the docker-compose `worker` service) if
-   any; a deferrable sensor waits for every chunk's done marker;
+   any; a deferrable sensor waits for every chunk, reading the workers' tallies (a file
+   per worker, whatever the chunk count) and listing the done markers once at the end;
 4. **stage 2** (merge, no GPU): the same with local and CPU workers only;
-5. **finish**: verify every chunk, remove the scratch; then **segment** (postprocess.segmentation) and
-   build the downsampled **pyramid**;
-6. **report**: summary in the log and XCom; Markdown/HTML with a picture and a
-   Neuroglancer link next to the output.
+5. **finish**: verify every chunk's markers and the output's blocks, remove the scratch;
+6. **post-processing** on the post queue, local and CPU workers: phase 1 labels each chunk,
+   stitches its faces and builds the **pyramid** block by block; **relabel** (one task);
+   phase 2 writes the relabelled chunks; **segment** gives the result (or, for a region
+   up to `max_voxels` in mode auto, segments it in one task);
+7. **report**: summary in the log and XCom; Markdown/HTML with a picture (from coarse
+   mips) and a Neuroglancer link next to the output.
 
 A worker that is preempted loses nothing: its lease expires and another worker redoes
-the chunk; a killed pod fails its task instance and Airflow's retry starts another.
+the chunk; a killed pod fails its task instance and Airflow's retry starts another. Pod
+tasks are deferrable (a running pod holds no worker slot); GPU pods take a slot of the
+Airflow pool `chunk_ops_gpu`.
 """
 
 from __future__ import annotations
