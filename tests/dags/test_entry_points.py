@@ -90,5 +90,5 @@ def test_an_in_process_rerun_skips_every_done_chunk(make_spec, tmp_path):
     again = _chunk_ops("run", str(job_file), cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in job_dir.glob("done/stage*/*.json")} == markers  # nothing redone
-    assert "stage 1: 27/27 chunks (100%)" in again.stderr  # progress says so, on stderr
+    assert "stage 1 (network): 27/27 tasks (100%)" in again.stderr  # progress says so, on stderr
     assert again.stdout.startswith(f"job {job_dir.name}: 27 chunks done")  # stdout: the result only

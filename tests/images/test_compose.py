@@ -95,6 +95,8 @@ def test_a_job_triggered_over_rest_runs_on_the_compose_workers(docker, images, t
                  "model": {**spec["model"], "path": str(data / "rsunet_affinities.pt")}}
     host_spec.pop("queue")
     job = Job.open(host_spec)
-    assert len(records) == 2 * len(job.plan)
+    merged = [p for stage in ("stage1", "stage2") for p in (job_dir / "done" / stage).glob("*.json")]
+    assert len(merged) == 2 * len(job.plan)
+    assert len(records) == len(merged) + sum(len(job.stage_plan(6, mip)) for mip in (1, 2))  # pyramid blocks too
     got = open_volume(job.spec.output_url, 0).read(job.roi)
     assert np.abs(got - reference_pass(job)).max() <= 1e-5
