@@ -326,6 +326,18 @@ class ChunkPlan:
         return [self.box_at(Vec3(gx, gy, gz)) for gz in range(lo.z, hi.z + 1)
                 for gy in range(lo.y, hi.y + 1) for gx in range(lo.x, hi.x + 1)]
 
+    def face_neighbours(self, box: Box, side: int) -> list[tuple[int, Box]]:
+        """(axis, chunk) of each chunk sharing a face with ``box`` on its lower (``side`` -1)
+        or upper (+1) x, y and z side, where the plan has one."""
+        found = []
+        for axis in range(3):
+            edge = box.start[axis] - 1 if side < 0 else box.stop[axis]
+            if not self.roi.start[axis] <= edge < self.roi.stop[axis]:
+                continue
+            point = [edge if a == axis else box.start[a] for a in range(3)]
+            found.append((axis, self.chunks_meeting(Box(point, [p + 1 for p in point]))[0]))
+        return found
+
     def index_of(self, box: Box) -> int:
         """Linear index of the chunk whose box is ``box`` (raises if it is none)."""
         g = (box.start - self.origin) // self.chunk_size - self.first_index

@@ -21,7 +21,7 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from cloudfiles import CloudFiles
@@ -29,13 +29,13 @@ from cloudfiles import CloudFiles
 from . import storage
 from .downsample import ensure_mips
 from .engines import THREADS_ENV, local_share
-from .geometry import Box, ChunkPlan, Vec3
+from .geometry import ChunkPlan, Vec3
 from .job import Job
 from .progress import Progress, event
 from .queues.stages import StageQueues
 from .report import neuroglancer_link, write_report
 from .segment import segment_job
-from .stages import RunReport, lower_face_neighbours, marker_record, pyramid_children, run_task
+from .stages import RunReport, marker_record, pyramid_children, run_task
 from .submit import (StageIncomplete, StageWatch, check_output_blocks, check_stage_done, default_queue_url,
                      enqueue_stage, run_report)
 from .tally import TallyWriter
@@ -169,6 +169,17 @@ def enqueue(job: Job, queues: StageQueues, stage: int) -> int:
         return enqueue_stage(job, queues, stage, on_each=bar.update)
 
 
+def _pool_starter(job: Job, queues: StageQueues, workers: int, idle_exit_s: float,
+                  visibility_timeout_s: float) -> Callable[[], list[subprocess.Popen]]:
+    """Starts ``workers`` worker processes on the job's queues, sharing the cores (N processes
+    each with every core's worth of threads thrash)."""
+    threads = str(local_share(workers))
+    env = {**os.environ, THREADS_ENV: threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    command = worker_command(queues.url, idle_exit_s=idle_exit_s, visibility_timeout_s=visibility_timeout_s,
+                             extra=("--spec-prefix", job.job_url + "/"))
+    return lambda: [subprocess.Popen(command, env=env) for _ in range(workers)]
+
+
 def _ready_merges(job: Job, done1: np.ndarray, done2: np.ndarray, start: int) -> tuple[list, int]:
     """The merges from plan index ``start`` on whose contributors have all finished stage 1,
     in plan order up to the first that is not ready (workers go in plan order too); returns
@@ -194,13 +205,9 @@ def run_with_pool(job: Job, queues: StageQueues, workers: int, *,
     done2 = job.done_mask(2)
     if done2.all():  # a rerun of a finished job: nothing for a pool to do
         return
-    # share the cores: N processes each with every core's worth of threads thrash
-    threads = str(local_share(workers))
-    env = {**os.environ, THREADS_ENV: threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    command = worker_command(queues.url, idle_exit_s=idle_exit_s, visibility_timeout_s=visibility_timeout_s,
-                             extra=("--spec-prefix", job.job_url + "/"))
+    start_pool = _pool_starter(job, queues, workers, idle_exit_s, visibility_timeout_s)
     merges_from = 0
-    pool = [subprocess.Popen(command, env=env) for _ in range(workers)]
+    pool = start_pool()
     with Progress(2 * len(job.plan), "stage 1 and merges") as bar:
         while True:
             running = any(proc.poll() is None for proc in pool)
@@ -221,7 +228,7 @@ def run_with_pool(job: Job, queues: StageQueues, workers: int, *,
                 # task given back with a delay, still need workers (dead letters end it: bounded)
                 if not ready and queues.counts(1).pending + queues.counts(2).pending == 0:
                     return
-                pool = [subprocess.Popen(command, env=env) for _ in range(workers)]
+                pool = start_pool()
             time.sleep(0.5)
 
 
@@ -305,7 +312,7 @@ def phase_tasks(job: Job, phase: int) -> Iterator[Task]:
         if labelled.any():
             for i in np.flatnonzero(labelled & ~stitched):
                 box = job.plan[int(i)]
-                if all(labelled[job.plan.index_of(n)] for n in lower_face_neighbours(job, box)):
+                if all(labelled[job.plan.index_of(n)] for _, n in job.plan.face_neighbours(box, -1)):
                     yield new(4, box)
     below = None
     for mip in job.stage_levels(PYRAMID):
@@ -399,13 +406,10 @@ def drain_with_pool(job: Job, queues: StageQueues, workers: int, stages: list[in
                     idle_exit_s: float = 3.0, visibility_timeout_s: float = 60.0) -> None:
     """Run a pool of ``workers`` processes until every task of ``stages`` is done; raises
     :class:`StageIncomplete` if one stalls (its queue drained with tasks not done)."""
-    threads = str(local_share(workers))
-    env = {**os.environ, THREADS_ENV: threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    command = worker_command(queues.url, idle_exit_s=idle_exit_s, visibility_timeout_s=visibility_timeout_s,
-                             extra=("--spec-prefix", job.job_url + "/"))
+    start_pool = _pool_starter(job, queues, workers, idle_exit_s, visibility_timeout_s)
     watches = [StageWatch(job, stage, lambda stage=stage: queues.counts(stage)) for stage in stages]
     total = sum(w.total for w in watches)
-    pool = [subprocess.Popen(command, env=env) for _ in range(workers)]
+    pool = start_pool()
     try:
         with Progress(total, " and ".join(STAGE_NAMES[s] for s in stages), unit="tasks") as bar:
             while True:
@@ -418,7 +422,7 @@ def drain_with_pool(job: Job, queues: StageQueues, workers: int, stages: list[in
                     raise StageIncomplete(f"stage {stalled[0].stage} of job {job.id} stalled: {stalled[0].to_dict()}; "
                                           f"dead letters: {queues.dead_letters(3)}")
                 if not any(proc.poll() is None for proc in pool):
-                    pool = [subprocess.Popen(command, env=env) for _ in range(workers)]
+                    pool = start_pool()
                 time.sleep(0.5)
     finally:
         for proc in pool:

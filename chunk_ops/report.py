@@ -241,9 +241,8 @@ def _section_states(job: Job, z: int, verified: bool) -> tuple[list[tuple[Box, s
     else:
         samples = [sample for _, sample in cells]
         with ThreadPoolExecutor(MARKER_THREADS) as pool:
-            merged = list(pool.map(lambda box: job.is_done(2, box), samples))
-            stage1 = list(pool.map(lambda box, m: not m and job.is_done(1, box), samples, merged))
-        states = ["merged" if m else "stage 1 only" if s else "not done" for m, s in zip(merged, stage1)]
+            states = list(pool.map(lambda box: "merged" if job.is_done(2, box) else
+                                   "stage 1 only" if job.is_done(1, box) else "not done", samples))
     per_cell = -(-gx * gy // len(cells))
     return [(box, state) for (box, _), state in zip(cells, states)], per_cell
 

@@ -136,6 +136,16 @@ def adapted_rand_error(truth: np.ndarray, seg: np.ndarray) -> float:
     return float(error)
 
 
+def create_segmentation_layer(job) -> None:
+    """The uint32 segmentation layer over the job's region, if it is not there yet."""
+    from .volumes import create_volume, volume_exists
+
+    url = job.spec.segmentation["url"]
+    if not volume_exists(url):
+        create_volume(url, bounds=job.roi, block_size=job.spec.block_size, dtype="uint32",
+                      num_channels=1, resolution=job.input.resolution, layer_type="segmentation")
+
+
 def segment_job(job) -> dict:
     """``postprocess.segmentation`` of a finished job: read its affinities, segment, write the layer.
 
@@ -147,7 +157,7 @@ def segment_job(job) -> dict:
 
     from cloudfiles import CloudFiles
 
-    from .volumes import create_volume, open_volume, volume_exists
+    from .volumes import open_volume
 
     options = job.spec.segmentation
     if options["method"] == "none":
@@ -155,9 +165,7 @@ def segment_job(job) -> dict:
     started = time.perf_counter()
     affs = open_volume(job.spec.output_url, 0).read(job.roi)
     labels = segment(affs, options["method"], options["threshold"])
-    if not volume_exists(options["url"]):
-        create_volume(options["url"], bounds=job.roi, block_size=job.spec.block_size, dtype="uint32",
-                      num_channels=1, resolution=job.input.resolution, layer_type="segmentation")
+    create_segmentation_layer(job)
     open_volume(options["url"], 0).write(job.roi, labels[None])
     result = {"url": options["url"], "method": options["method"], "threshold": options["threshold"],
               "segments": int(labels.max()), "seconds": round(time.perf_counter() - started, 2)}

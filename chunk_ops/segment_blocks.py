@@ -58,7 +58,8 @@ import fastremap
 import numpy as np
 
 from .geometry import Box, ChunkPlan, Vec3
-from .segment import CHANNEL_AXES, _as_probabilities, components, watershed
+from .segment import (CHANNEL_AXES, _as_probabilities, _voxels_and_lower_neighbours, components,
+                      create_segmentation_layer, watershed)
 from .stages import ChunkStats
 from . import storage
 
@@ -162,16 +163,13 @@ def _get(job, kind: str, chunk: Box) -> tuple[dict, dict[str, np.ndarray]]:
 def _get_many(job, kind: str, chunks: list[Box]) -> Iterable[tuple[Box, dict, dict]]:
     """Like :func:`_get` for many chunks, fetched in bulk; yields in the order given."""
     names = [_name(job, kind, c) for c in chunks]
-    found = {r["path"]: r for r in job.scratch.get(names)}
+    found = storage.get_all(job.scratch, names)
     for chunk, name in zip(chunks, names):
         what = f"segmentation scratch file {name} of chunk {ChunkPlan.chunk_id(chunk)} in {job.scratch_url}"
-        record = found.get(name) or {}
-        if record.get("error") is not None:
-            raise BadSegmentScratch(f"{what} cannot be read: {record['error']}")
-        if record.get("content") is None:
+        if found.get(name) is None:
             raise BadSegmentScratch(f"{what} is missing: {_producer(kind)} of that chunk has not run, "
                                     f"or its scratch was removed")
-        header, arrays = unpack(record["content"], what)
+        header, arrays = unpack(found[name], what)
         _check(job, header, kind, chunk, what)
         yield chunk, header, arrays
 
@@ -189,12 +187,7 @@ def _meta(job, kind: str, chunk: Box, **more) -> dict:
 
 def prepare_layer(job) -> None:
     """Create the uint32 segmentation layer over the job's region, if it is not there."""
-    from .volumes import create_volume, volume_exists
-
-    url = job.spec.segmentation["url"]
-    if not volume_exists(url):
-        create_volume(url, bounds=job.roi, block_size=job.spec.block_size, dtype="uint32",
-                      num_channels=1, resolution=job.input.resolution, layer_type="segmentation")
+    create_segmentation_layer(job)
 
 
 # --- stage 3: label ---------------------------------------------------------------------
@@ -228,14 +221,13 @@ def region_graph(labels: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]
     affinity sum and edge count of each (label 0 takes no part)."""
     us, vs, ws = [], [], []
     for channel, axis in enumerate(CHANNEL_AXES):
-        here, below = [slice(None)] * 3, [slice(None)] * 3
-        here[axis], below[axis] = slice(1, None), slice(None, -1)
-        a, b = labels[tuple(here)], labels[tuple(below)]
+        here, below = _voxels_and_lower_neighbours(axis)
+        a, b = labels[here], labels[below]
         keep = (a != b) & (a != 0) & (b != 0)
         a, b = a[keep], b[keep]
         us.append(np.minimum(a, b))
         vs.append(np.maximum(a, b))
-        ws.append(probs[channel][tuple(here)][keep].astype(np.float64))
+        ws.append(probs[channel][here][keep].astype(np.float64))
     u, v, sums, counts = _sum_by_pair(np.concatenate(us), np.concatenate(vs), np.concatenate(ws))
     return {"edges": np.stack([u, v], axis=1), "sums": sums, "counts": counts}
 
@@ -283,13 +275,7 @@ def label_chunk(job, chunk: Box, fence: Fence) -> tuple[ChunkStats, dict]:
 
 def lower_neighbours(job, chunk: Box) -> list[tuple[str, Box]]:
     """(axis name, chunk) of each lower neighbour across a face, x, y, z."""
-    found = []
-    for axis, name in enumerate("xyz"):
-        if chunk.start[axis] > job.roi.start[axis]:
-            step = Vec3(*(1 if a == axis else 0 for a in range(3)))
-            point = chunk.start - step
-            found.append((name, job.plan.chunks_meeting(Box(point, point + 1))[0]))
-    return found
+    return [("xyz"[axis], box) for axis, box in job.plan.face_neighbours(chunk, -1)]
 
 
 def global_ids(index: int, labels: np.ndarray) -> np.ndarray:

@@ -229,18 +229,6 @@ def run_task(job: Job, task: Task, fence: Fence = _no_fence) -> tuple[ChunkStats
     return run(job, task.box, fence)
 
 
-def lower_face_neighbours(job: Job, chunk: Box) -> list[Box]:
-    """The chunks sharing a face with ``chunk`` on its lower x, y and z sides (in the plan)."""
-    out = []
-    for axis in range(3):
-        probe = list(chunk.start)
-        if probe[axis] - 1 < job.roi.start[axis]:
-            continue
-        probe[axis] -= 1
-        out.append(job.plan.chunks_meeting(Box(probe, [p + 1 for p in probe]))[0])
-    return out
-
-
 def follow_ups(job: Job, task: Task) -> list[Task]:
     """Tasks that may have become ready now that ``task`` is done, so a stage chains into
     the next without waiting for all of its own chunks:
@@ -254,9 +242,10 @@ def follow_ups(job: Job, task: Task) -> list[Task]:
     or, run at once, writes the same bytes.
     """
     if task.stage == 3:
-        candidates = [task.box, *_upper_face_neighbours(job, task.box)]
+        candidates = [task.box, *(c for _, c in job.plan.face_neighbours(task.box, +1))]
         ready = [c for c in candidates
-                 if all(job.is_done(3, n) for n in [c, *lower_face_neighbours(job, c)] if n != task.box)]
+                 if all(job.is_done(3, n) for n in [c, *(b for _, b in job.plan.face_neighbours(c, -1))]
+                        if n != task.box)]
         return [Task(job.id, job.spec_url, 4, c) for c in ready]
     if task.stage == PYRAMID and task.mip + 1 in job.stage_levels(PYRAMID):
         from .downsample import FACTOR
@@ -275,17 +264,6 @@ def pyramid_children(below: ChunkPlan, parent: Box) -> list[Box]:
     from .downsample import FACTOR
 
     return below.chunks_meeting(Box(parent.start * FACTOR, parent.stop * FACTOR))
-
-
-def _upper_face_neighbours(job: Job, chunk: Box) -> list[Box]:
-    out = []
-    for axis in range(3):
-        if chunk.stop[axis] >= job.roi.stop[axis]:
-            continue
-        probe = list(chunk.start)
-        probe[axis] = chunk.stop[axis]
-        out.append(job.plan.chunks_meeting(Box(probe, [p + 1 for p in probe]))[0])
-    return out
 
 
 def reference_pass(job: Job) -> np.ndarray:
