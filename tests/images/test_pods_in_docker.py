@@ -114,7 +114,9 @@ def test_gpu_and_cpu_pods_from_the_dag_run_a_job_side_by_side(pods, make_spec, t
 
 
 def test_docker_stop_mid_task_gives_the_chunk_back_and_another_pod_finishes(pods, make_spec, tmp_path):
-    job = _slow_job(make_spec, delay_s=0.5)  # about 1.5 s a chunk
+    # about 3 s a chunk: the stop lands at most about 1.5 s after a "done", so the task then
+    # running outlasts the 1 s grace whatever the timing, and is given back
+    job = _slow_job(make_spec, delay_s=1.0)
     share_with_containers(tmp_path)
     assert enqueue_stage(job, pods.queue, 1) == len(job.plan)
     manifest = pods.manifest("cpu", 1)
