@@ -363,6 +363,25 @@ class Job:
     def is_done(self, stage: int, chunk: Box, mip: int = 0) -> bool:
         return self.done_record(stage, chunk, mip) is not None
 
+    def _failure_name(self, stage: int, chunk: Box, mip: int) -> str:
+        return f"failed/{self.stage_folder(stage)}/" + (f"mip{mip}/" if mip else "") + f"{ChunkPlan.chunk_id(chunk)}.json"
+
+    def record_failure(self, stage: int, chunk: Box, failure: dict, mip: int = 0) -> None:
+        """The last error of a chunk's task (a file per failing chunk, never read on the hot
+        path): what the progress view shows beside a dead letter."""
+        name = self._failure_name(stage, chunk, mip)
+        CloudFiles(self.job_url).put_json(name, failure)
+
+    def failure(self, stage: int, chunk: Box, mip: int = 0) -> dict | None:
+        """The chunk's last recorded error (``record_failure``), if any."""
+        name = self._failure_name(stage, chunk, mip)
+        data = CloudFiles(self.job_url).get(name)
+        try:
+            record = json.loads(data) if data else None
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return record if isinstance(record, dict) else None
+
     def done_mask(self, stage: int, mip: int = 0) -> np.ndarray:
         """One bool per index of the stage's plan: is that task done?  One listing, in bulk.
 

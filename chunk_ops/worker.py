@@ -334,6 +334,7 @@ class Worker:
 
     def _process(self, lease: Lease, stage: int, queue: TaskQueue, heartbeat: Heartbeat) -> None:
         started = time.time()
+        task = job = None
         try:
             task = Task.from_json(lease.body)
             if stage_queue_url(self.queues.url, task.stage) != stage_queue_url(self.queues.url, stage):
@@ -365,6 +366,7 @@ class Worker:
             self._count("failed")
             _event("failed", message=lease.message_id, receive_count=lease.receive_count,
                    permanent=True, error=str(e))
+            self._record_failure(job, task, lease, str(e), permanent=True)
             heartbeat.stop()
             self._give_back(queue, lease, delay_s=0)
             return
@@ -372,6 +374,7 @@ class Worker:
             self._count("failed")
             _event("failed", message=lease.message_id, receive_count=lease.receive_count,
                    permanent=False, error=repr(e))
+            self._record_failure(job, task, lease, repr(e), permanent=False)
             heartbeat.stop()
             self._give_back(queue, lease, delay_s=self.config.backoff_s * 2 ** self.config.retries)
             return
@@ -380,6 +383,19 @@ class Worker:
         self._count("done", task.stage)
         _event("done", job=task.job_id, stage=task.stage, chunk=task.box.to_filename(),
                seconds=round(time.time() - started, 3), receive_count=lease.receive_count)
+
+    def _record_failure(self, job: Job | None, task: Task | None, lease: Lease, error: str, permanent: bool) -> None:
+        """Keep the error beside the job, so a dead letter can be shown with what killed it.
+        A task that names no job of ours (unreadable, foreign) has no place for it: the log has it."""
+        if job is None or task is None:
+            return
+        try:
+            job.record_failure(task.stage, task.box, {
+                "error": error[:4000], "permanent": permanent, "receive_count": lease.receive_count,
+                "max_receives": self.queues.max_receives, "worker": WORKER_NAME, "pool": self.config.pool,
+                "at": time.time()}, task.mip)
+        except Exception as e:  # the store is down too: the task is given back all the same
+            _event("failure_record_error", message=lease.message_id, error=repr(e))
 
     def _tally(self, job: Job, stage: int) -> TallyWriter:
         with self._lock:

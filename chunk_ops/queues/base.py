@@ -72,4 +72,9 @@ class TaskQueue(Protocol):
         """Bodies of dead-lettered messages (a peek, for reports)."""
         ...
 
+    def redrive(self) -> int:
+        """Move every dead-lettered message back onto the queue with a fresh receive count
+        (after the cause was fixed); returns how many moved."""
+        ...
+
     def purge(self) -> None: ...

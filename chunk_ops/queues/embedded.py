@@ -140,6 +140,11 @@ class EmbeddedQueue:
         ).fetchall()
         return [_text(r[0]) for r in rows]
 
+    def redrive(self) -> int:
+        with self._write() as tx:
+            return tx.execute("UPDATE messages SET dead = 0, receive_count = 0, receipt = NULL, visible_at = 0 "
+                              "WHERE dead = 1").rowcount
+
     def purge(self) -> None:
         with self._write() as tx:
             tx.execute("DELETE FROM messages")

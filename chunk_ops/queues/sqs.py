@@ -175,5 +175,26 @@ class SqsQueue:
         )
         return [m["Body"] for m in result.get("Messages", [])]
 
+    def redrive(self) -> int:
+        """Receive from the dead-letter queue, send to the queue, then delete: a crash in
+        between leaves a copy in both, and a copy is harmless (a done chunk is skipped).
+        Moved by hand rather than with StartMessageMoveTask, which runs asynchronously
+        (a run would not know when its tasks are back) and which SQS-compatible servers lack.
+        Bounded by the count seen first, so letters dying meanwhile are not chased forever."""
+        left = sum(self._approximate(self.dead_url))
+        moved = 0
+        while left > 0:
+            messages = self.client.receive_message(
+                QueueUrl=self.dead_url, MaxNumberOfMessages=_MAX_BATCH, VisibilityTimeout=60, WaitTimeSeconds=1,
+            ).get("Messages", [])
+            if not messages:
+                break
+            self._send([m["Body"] for m in messages])
+            self.client.delete_message_batch(QueueUrl=self.dead_url, Entries=[
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)])
+            moved += len(messages)
+            left -= len(messages)
+        return moved
+
     def purge(self) -> None:
         self.client.purge_queue(QueueUrl=self.queue_url)

@@ -85,3 +85,12 @@ class StageQueues:
             if queue is not None and len(letters) < max_messages:
                 letters += queue.dead_letters(max_messages - len(letters))
         return letters
+
+    def redrive(self) -> dict[int, int]:
+        """Every stage queue's dead letters back on it (after a fix): moved, by queue (its first stage)."""
+        moved = {}
+        for stage in QUEUE_STAGES:
+            queue = self.get(stage)
+            if queue is not None:
+                moved[stage] = queue.redrive()
+        return moved

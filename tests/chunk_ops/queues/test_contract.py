@@ -87,6 +87,27 @@ def test_dead_letter_queue_receives_after_max_receives(make_queue):
     assert q.dead_letters() == ["poison"]
 
 
+def test_redrive_brings_dead_letters_back_with_a_fresh_receive_count(make_queue):
+    q = make_queue(max_receives=1)
+    q.send_batch([f"poison-{i}" for i in range(12)] + ["fine"])  # more than one SQS batch of dead letters
+    for _ in range(3):
+        for lease in q.receive(max_messages=10, visibility_timeout=60):
+            q.delete(lease) if lease.body == "fine" else q.release(lease)
+    assert q.receive(max_messages=10, visibility_timeout=60) == []
+    assert q.counts().dead == 12
+    assert q.redrive() == 12
+    counts = q.counts()
+    assert (counts.visible, counts.dead) == (12, 0)
+    leases = []
+    while len(leases) < 12:
+        got = q.receive(max_messages=10, visibility_timeout=60)
+        assert got, f"only {len(leases)} of 12 came back"
+        leases += got
+    assert sorted(lease.body for lease in leases) == sorted(f"poison-{i}" for i in range(12))
+    assert {lease.receive_count for lease in leases} == {1}  # a fresh start: max_receives applies anew
+    assert q.redrive() == 0
+
+
 def test_a_lost_lease_cannot_be_extended_embedded(tmp_path):
     """The embedded queue refuses a stale receipt (SQS's answer varies by server)."""
     q = open_queue(f"file://{tmp_path}/q.sqlite", create=True)
