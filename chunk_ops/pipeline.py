@@ -149,7 +149,7 @@ def run_stage_here(job: Job, stage: int, order: list[int] | None = None, mip: in
             stats, extra = run_task(job, Task(job.id, job.spec_url, stage, plan[i], mip))
             record = marker_record(job, stage, stats, extra, started=started, pool=IN_PROCESS_POOL, receive_count=1)
             job.mark_done(stage, plan[i], record, mip)
-            tally.count(record)
+            tally.count(record, plan[i].to_filename())
             bar.update()
     tally.close()
 

@@ -24,7 +24,7 @@ import numpy as np
 from cloudfiles import CloudFiles
 from PIL import Image, ImageDraw, ImageFont
 
-from .geometry import Box, Vec3
+from .geometry import Box, ChunkPlan, Vec3
 from .job import Job
 from .volumes import Volume
 from .view import Layer, browser_readable, local_viewer_url, neuroglancer_source, view_command, viewer_state
@@ -215,27 +215,33 @@ def _to_uint8(plane: np.ndarray, dtype=None) -> np.ndarray:
     return ((plane - lo) / (hi - lo + 1e-12) * 255).astype(np.uint8)
 
 
-def _section_states(job: Job, z: int, verified: bool) -> tuple[list[tuple[Box, str]], int]:
-    """The chunk map's cells: (the box drawn, its state), and how many of the section's chunks
-    one cell stands for.
+def section_cells(plan: ChunkPlan, gz: int, max_cells: int = MARKER_CHUNKS) -> tuple[list[tuple[Box, Box]], Vec3]:
+    """The chunk map of z row ``gz`` of ``plan``: cells (the box drawn, the chunk at its middle
+    whose state it shows) in row-major order, and the (columns, rows, 1) of cells.
 
-    Every chunk of the section is its own cell while there are at most ``MARKER_CHUNKS`` of
-    them, its state read from its own markers (stage 2, then stage 1 where that is missing).
-    A larger section is cut into at most ``MARKER_CHUNKS`` cells of neighbouring chunks and
-    each cell drawn in the state of the chunk at its middle: the markers read stay bounded
-    whatever the plan's size.  ``verified`` (every stage-2 marker checked, as the finish step
-    does) draws every cell merged and reads no marker.
-    """
-    plan = job.plan
-    gz = next(k for k, (z0, z1) in enumerate(plan.axis_bounds(2)) if z0 <= z < z1)
+    Every chunk of the section is its own cell while there are at most ``max_cells`` of them;
+    a larger section is cut into at most that many cells of neighbouring chunks, so the
+    markers read for a map stay bounded whatever the plan's size."""
     gx, gy = plan.grid_shape.x, plan.grid_shape.y
-    shrink = max(1.0, (gx * gy / MARKER_CHUNKS) ** 0.5)
+    shrink = max(1.0, (gx * gy / max_cells) ** 0.5)
     xcuts, ycuts = (np.unique(np.linspace(0, g, max(1, int(g / shrink)) + 1).astype(int)) for g in (gx, gy))
     cells = []
     for y0, y1 in zip(ycuts[:-1], ycuts[1:]):
         for x0, x1 in zip(xcuts[:-1], xcuts[1:]):
             first, last = plan.box_at(Vec3(x0, y0, gz)), plan.box_at(Vec3(x1 - 1, y1 - 1, gz))
             cells.append((Box(first.start, last.stop), plan.box_at(Vec3((x0 + x1 - 1) // 2, (y0 + y1 - 1) // 2, gz))))
+    return cells, Vec3(len(xcuts) - 1, len(ycuts) - 1, 1)
+
+
+def _section_states(job: Job, z: int, verified: bool) -> tuple[list[tuple[Box, str]], int]:
+    """The chunk map's cells (:func:`section_cells`): (the box drawn, its state), and how many
+    of the section's chunks one cell stands for.  A cell's state is read from its middle
+    chunk's markers (stage 2, then stage 1 where that is missing).  ``verified`` (every
+    stage-2 marker checked, as the finish step does) draws every cell merged and reads no marker.
+    """
+    plan = job.plan
+    gz = next(k for k, (z0, z1) in enumerate(plan.axis_bounds(2)) if z0 <= z < z1)
+    cells, _ = section_cells(plan, gz)
     if verified:
         states = ["merged"] * len(cells)
     else:
@@ -243,7 +249,7 @@ def _section_states(job: Job, z: int, verified: bool) -> tuple[list[tuple[Box, s
         with ThreadPoolExecutor(MARKER_THREADS) as pool:
             states = list(pool.map(lambda box: "merged" if job.is_done(2, box) else
                                    "stage 1 only" if job.is_done(1, box) else "not done", samples))
-    per_cell = -(-gx * gy // len(cells))
+    per_cell = -(-plan.grid_shape.x * plan.grid_shape.y // len(cells))
     return [(box, state) for (box, _), state in zip(cells, states)], per_cell
 
 

@@ -20,7 +20,7 @@ from .job import Job
 from .queues import QueueCounts
 from .queues.stages import STAGES, StageQueues
 from .stages import ChunkStats, RunReport
-from .tally import read_stage_tally
+from .tally import StageTally, read_stage_tally
 from .task import Task
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ def enqueue_stage(job: Job, queues: StageQueues, stage: int,
 class StageStatus:
     done: int
     total: int
+    chunks_per_s: float | None  # over the stage's wall time so far, all workers together
     voxels_per_s: float | None
     eta_s: float | None
 
@@ -73,17 +74,17 @@ class JobStatus:
         return d
 
 
-def stage_status(job: Job, stage: int) -> StageStatus:
-    """Where a stage stands, from the workers' tallies (no marker listing)."""
-    tally = read_stage_tally(job.job_url, job.stage_folder(stage))
+def stage_status(job: Job, stage: int, tally: StageTally | None = None) -> StageStatus:
+    """Where a stage stands, from the workers' tallies (no marker listing); ``tally``: read already."""
+    tally = tally or read_stage_tally(job.job_url, job.stage_folder(stage))
     total = job.stage_total(stage)
-    rate = eta = None
+    chunks_per_s = voxels_per_s = eta = None
     first = min((t.started_at for t in tally.tallies), default=0.0)
     last = max((t.finished_at for t in tally.tallies), default=0.0)
     if tally.tasks and last > first:
-        rate = tally.tasks / (last - first)
-        eta = max(0.0, (total - tally.tasks) / rate)
-    return StageStatus(min(tally.tasks, total), total, rate, eta)
+        chunks_per_s, voxels_per_s = tally.tasks / (last - first), tally.voxels / (last - first)
+        eta = max(0.0, (total - tally.tasks) / chunks_per_s)
+    return StageStatus(min(tally.tasks, total), total, chunks_per_s, voxels_per_s, eta)
 
 
 def job_status(job: Job, queues: StageQueues) -> JobStatus:

@@ -61,9 +61,12 @@ class Tally:
     stats: ChunkStats = field(default_factory=ChunkStats)
     engines: list = field(default_factory=list)
     closed: bool = False  # the worker has exited: its tally no longer changes
+    last_chunk: str | None = None  # the box (file name) it finished last: where the work is now
 
-    def add(self, record: dict) -> None:
+    def add(self, record: dict, chunk: str | None = None) -> None:
         """Count one finished chunk, from the record its done marker keeps."""
+        if chunk is not None and record["finished_at"] >= self.finished_at:
+            self.last_chunk = chunk
         self.tasks += 1
         self.voxels += record["voxels"]
         self.seconds += record["finished_at"] - record["started_at"]
@@ -97,9 +100,9 @@ class TallyWriter:
         self.tally = Tally(worker, pool)
         self._lock = threading.Lock()  # task threads of one worker share it
 
-    def count(self, record: dict) -> None:
+    def count(self, record: dict, chunk: str | None = None) -> None:
         with self._lock:
-            self.tally.add(record)
+            self.tally.add(record, chunk)
             self._put()
 
     def close(self, timeout_s: float = -1) -> None:

@@ -356,7 +356,7 @@ class Worker:
             record = marker_record(job, task.stage, stats, extra, started=started, pool=self.config.pool,
                                    receive_count=lease.receive_count, worker=WORKER_NAME)
             job.mark_done(task.stage, task.box, record, task.mip)
-            self._tally(job, task.stage).count(record)
+            self._tally(job, task.stage).count(record, task.box.to_filename())
             self._send_follow_ups(job, task)
         except LeaseLost as e:  # the fence: another worker owns this task now
             self._count("abandoned")

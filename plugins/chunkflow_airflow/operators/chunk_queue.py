@@ -8,6 +8,7 @@ from typing import Any, Sequence
 from airflow.sdk import BaseOperator
 
 from chunkflow_airflow.hooks.chunk_queue import ChunkQueueHook
+from chunkflow_airflow.links import RUN_LINKS
 
 
 class EnqueueChunksOperator(BaseOperator):
@@ -17,6 +18,7 @@ class EnqueueChunksOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("spec_url", "queue_url", "stage", "aws_conn_id", "max_receives")
+    operator_extra_links = RUN_LINKS
 
     def __init__(self, *, spec_url: str, queue_url: str, stage: int, aws_conn_id: str | None = "aws_default",
                  max_receives: int | None = None, **kwargs: Any):

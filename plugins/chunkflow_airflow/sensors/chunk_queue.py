@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 from airflow.sdk import BaseSensorOperator, conf
 
+from chunkflow_airflow.links import RUN_LINKS
 from chunkflow_airflow.triggers.chunk_queue import StageDoneTrigger, as_stages, open_watches, poll_watches
 
 
@@ -18,6 +19,7 @@ class StageDoneSensor(BaseSensorOperator):
     """
 
     template_fields: Sequence[str] = ("spec_url", "queue_url", "stages", "aws_conn_id")
+    operator_extra_links = RUN_LINKS
 
     def __init__(self, *, spec_url: str, queue_url: str, stages: int | Sequence[int] | str,
                  aws_conn_id: str | None = "aws_default", stall_after_s: float = 60.0,
