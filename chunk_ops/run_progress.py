@@ -66,7 +66,8 @@ class RunProgress:
                     "stage": stage, "name": STAGE_NAMES[stage], "state": state,
                     "done": poll.done, "total": poll.total,
                     "chunks_per_s": status.chunks_per_s, "voxels_per_s": status.voxels_per_s,
-                    "eta_s": None if poll.state == "done" else status.eta_s,
+                    # no ETA for a stage nothing is moving in (done, or what is left is dead or unsent)
+                    "eta_s": status.eta_s if poll.visible or poll.in_flight else None,
                     "workers": len(tally.tallies), "pools": tally.per_pool(),
                 })
                 recent = max(tally.tallies, key=lambda t: t.finished_at, default=None)

@@ -40,6 +40,9 @@ def airflow_env(home: Path, port: int, extra: dict[str, str] | None = None) -> d
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__PARALLELISM": "4",  # two cores: the scheduler forks this many task runners
         "AIRFLOW__API__PORT": str(port),
+        # this machine only: standalone's users have generated passwords; expose it on purpose
+        # (AIRFLOW__API__HOST=0.0.0.0, behind TLS and real users) or through an SSH tunnel
+        "AIRFLOW__API__HOST": os.environ.get("AIRFLOW__API__HOST", "127.0.0.1"),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
@@ -232,6 +235,10 @@ def demo(workdir: Path, port: int) -> int:
     if "value" in xcom:
         print(json.dumps(xcom["value"], indent=2) if not isinstance(xcom["value"], str) else xcom["value"])
     print(f"\nAirflow UI:   {airflow.url}  (user and password in {airflow.home / 'simple_auth_manager_passwords.json.generated'})")
+    print(f"chunk map:    {airflow.url}/dags/{DAG_ID}/runs/{run['dag_run_id']}/plugin/chunk_progress_run")
+    print("              the UI listens on 127.0.0.1 only; from another machine: ssh -L "
+          f"{airflow.port}:127.0.0.1:{airflow.port} <this host>, or (deliberately, with TLS and real users) "
+          "AIRFLOW__API__HOST=0.0.0.0 make demo")
     print(f"output layer: file://{workdir}/affinities")
     print(f"segmentation: file://{workdir}/affinities/segmentation (ground truth file://{workdir}/truth)")
     print(f"reports:      {workdir}/affinities/jobs/*/report.html (.md, .png, .json)")

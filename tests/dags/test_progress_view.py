@@ -101,6 +101,9 @@ def test_progress_view_follows_a_run_and_its_redrive_brings_a_dead_chunk_back(ai
 
     page.goto(f"{airflow.url}/chunkflow/runs/{DAG_ID}/{run_id}", wait_until="networkidle")
     page.locator("#stages tr[data-stage='1']").wait_for(timeout=180_000)
+    page.locator("#z-down").click()  # hold the map at the first z row (it follows the work otherwise)
+    page.wait_for_function("document.getElementById('map-title').textContent.includes('z row 1 of 3') && "
+                           "!document.getElementById('map-title').textContent.includes('following')")
     seen, filled = [], []
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -125,7 +128,10 @@ def test_progress_view_follows_a_run_and_its_redrive_brings_a_dead_chunk_back(ai
     page.locator("#dead tbody tr").first.wait_for(timeout=120_000)
     dead_text = page.locator("#dead").inner_text()
     assert MISSING in dead_text or "missing" in dead_text.lower(), dead_text
-    assert page.locator("#map .cell.dead").count() >= 1
+    for _ in range(2):  # to the last z row, where a chunk reading the missing block lies
+        page.locator("#z-up").click()
+    page.wait_for_function("document.getElementById('map-title').textContent.includes('z row 3 of 3')")
+    page.wait_for_function("document.querySelectorAll('#map .cell.dead').length >= 1", timeout=10_000)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "progress_view_dead_letters.png"), full_page=True)
     assert airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")[1]["state"] in ("running", "failed")
@@ -143,3 +149,11 @@ def test_progress_view_follows_a_run_and_its_redrive_brings_a_dead_chunk_back(ai
     page.wait_for_function("document.querySelectorAll('#map .cell.done').length > 0", timeout=30_000)
     assert _cells(page)["dead"] == 0 and page.locator("#dead tbody tr").count() == 0
     assert _stage_row(page, 1)[1:] == (27, 27)
+
+
+def test_the_local_api_server_listens_on_this_machine_only(airflow):
+    import psutil
+
+    listening = {c.laddr.ip for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == airflow.port}
+    assert listening == {"127.0.0.1"}, listening
