@@ -159,8 +159,9 @@ class StageWatch:
             self.stage, self.job.stage_plan(self.stage, mip)[int(i)], mip)], dtype=np.int64)
             for mip, indices in self.missing.items()}
 
-    def poll(self) -> StagePoll:
-        tally = read_stage_tally(self.job.job_url, self.job.stage_folder(self.stage), compact=self.compact)
+    def poll(self, tally: StageTally | None = None) -> StagePoll:
+        """``tally``: the stage's tallies, read already by a caller that shows them too."""
+        tally = tally or read_stage_tally(self.job.job_url, self.job.stage_folder(self.stage), compact=self.compact)
         counts = self.counts()
         listed = False
         if self.missing is None and tally.tasks >= self.total:

@@ -366,17 +366,17 @@ class Worker:
             self._count("failed")
             _event("failed", message=lease.message_id, receive_count=lease.receive_count,
                    permanent=True, error=str(e))
-            self._record_failure(job, task, lease, str(e), permanent=True)
             heartbeat.stop()
             self._give_back(queue, lease, delay_s=0)
+            self._record_failure(job, task, lease, str(e), permanent=True)  # after: the store may be what failed
             return
         except Exception as e:  # transient, retried here already: try again later, maybe elsewhere
             self._count("failed")
             _event("failed", message=lease.message_id, receive_count=lease.receive_count,
                    permanent=False, error=repr(e))
-            self._record_failure(job, task, lease, repr(e), permanent=False)
             heartbeat.stop()
             self._give_back(queue, lease, delay_s=self.config.backoff_s * 2 ** self.config.retries)
+            self._record_failure(job, task, lease, repr(e), permanent=False)
             return
         heartbeat.stop()
         self._delete(queue, lease)

@@ -25,9 +25,10 @@ class ChunkflowPlugin(AirflowPlugin):
 
         return [{"app": app, "url_prefix": PREFIX, "name": "chunk progress"}]
 
+    # hrefs relative to the UI's base URL, so an Airflow served under a path finds them too
     external_views = [
-        {"name": "Chunk progress", "href": PREFIX + "/runs/{DAG_ID}/{RUN_ID}", "destination": "dag_run",
+        {"name": "Chunk progress", "href": PREFIX.lstrip("/") + "/runs/{DAG_ID}/{RUN_ID}", "destination": "dag_run",
          "url_route": "chunk_progress_run"},
-        {"name": "Chunk progress", "href": PREFIX + "/dags/{DAG_ID}", "destination": "dag",
+        {"name": "Chunk progress", "href": PREFIX.lstrip("/") + "/dags/{DAG_ID}", "destination": "dag",
          "url_route": "chunk_progress_dag"},
     ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 DEFAULT_MAX_RECEIVES = 5
 
@@ -72,9 +72,10 @@ class TaskQueue(Protocol):
         """Bodies of dead-lettered messages (a peek, for reports)."""
         ...
 
-    def redrive(self) -> int:
-        """Move every dead-lettered message back onto the queue with a fresh receive count
-        (after the cause was fixed); returns how many moved."""
+    def redrive(self, keep: Callable[[str], bool] | None = None) -> int:
+        """Move the dead-lettered messages whose body ``keep`` accepts (all by default) back
+        onto the queue with a fresh receive count, after the cause was fixed; returns how
+        many moved.  A queue may be shared by jobs: ``keep`` picks one job's letters."""
         ...
 
     def purge(self) -> None: ...

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .base import DEFAULT_MAX_RECEIVES, Lease, LeaseLost, QueueCounts, batched
 
@@ -140,10 +140,13 @@ class EmbeddedQueue:
         ).fetchall()
         return [_text(r[0]) for r in rows]
 
-    def redrive(self) -> int:
+    def redrive(self, keep: Callable[[str], bool] | None = None) -> int:
         with self._write() as tx:
-            return tx.execute("UPDATE messages SET dead = 0, receive_count = 0, receipt = NULL, visible_at = 0 "
-                              "WHERE dead = 1").rowcount
+            rows = tx.execute("SELECT id, CAST(body AS BLOB) FROM messages WHERE dead = 1").fetchall()
+            ids = [(msg_id,) for msg_id, body in rows if keep is None or keep(_text(body))]
+            tx.executemany("UPDATE messages SET dead = 0, receive_count = 0, receipt = NULL, visible_at = 0 "
+                           "WHERE id = ?", ids)
+        return len(ids)
 
     def purge(self) -> None:
         with self._write() as tx:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .base import DEFAULT_MAX_RECEIVES, Lease, LeaseLost, QueueCounts, batched
 
@@ -175,25 +176,27 @@ class SqsQueue:
         )
         return [m["Body"] for m in result.get("Messages", [])]
 
-    def redrive(self) -> int:
+    def redrive(self, keep: Callable[[str], bool] | None = None, deadline_s: float = 300.0) -> int:
         """Receive from the dead-letter queue, send to the queue, then delete: a crash in
         between leaves a copy in both, and a copy is harmless (a done chunk is skipped).
-        Moved by hand rather than with StartMessageMoveTask, which runs asynchronously
-        (a run would not know when its tasks are back) and which SQS-compatible servers lack.
-        Bounded by the count seen first, so letters dying meanwhile are not chased forever."""
-        left = sum(self._approximate(self.dead_url))
-        moved = 0
-        while left > 0:
+        Letters ``keep`` refuses (another job's) stay, hidden for the move's duration.
+        Moved by hand rather than with StartMessageMoveTask, which moves all or nothing,
+        runs asynchronously and is missing from SQS-compatible servers.  The approximate
+        counts may read 0 for a while, so it goes on until two receives come back empty."""
+        moved, empty, deadline = 0, 0, time.monotonic() + deadline_s
+        while empty < 2 and time.monotonic() < deadline:
             messages = self.client.receive_message(
-                QueueUrl=self.dead_url, MaxNumberOfMessages=_MAX_BATCH, VisibilityTimeout=60, WaitTimeSeconds=1,
+                QueueUrl=self.dead_url, MaxNumberOfMessages=_MAX_BATCH, VisibilityTimeout=math.ceil(deadline_s) + 60,
+                WaitTimeSeconds=1,
             ).get("Messages", [])
-            if not messages:
-                break
-            self._send([m["Body"] for m in messages])
+            empty = 0 if messages else empty + 1
+            ours = [m for m in messages if keep is None or keep(m["Body"])]
+            if not ours:
+                continue
+            self._send([m["Body"] for m in ours])
             self.client.delete_message_batch(QueueUrl=self.dead_url, Entries=[
-                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)])
-            moved += len(messages)
-            left -= len(messages)
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(ours)])
+            moved += len(ours)
         return moved
 
     def purge(self) -> None:

@@ -86,11 +86,12 @@ class StageQueues:
                 letters += queue.dead_letters(max_messages - len(letters))
         return letters
 
-    def redrive(self) -> dict[int, int]:
-        """Every stage queue's dead letters back on it (after a fix): moved, by queue (its first stage)."""
+    def redrive(self, keep: Callable[[str], bool] | None = None) -> dict[int, int]:
+        """The dead letters ``keep`` accepts (all by default) back on their stage queues after
+        a fix: how many moved, by queue (named by its first stage)."""
         moved = {}
         for stage in QUEUE_STAGES:
             queue = self.get(stage)
             if queue is not None:
-                moved[stage] = queue.redrive()
+                moved[stage] = queue.redrive(keep)
         return moved

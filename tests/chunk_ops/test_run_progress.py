@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from chunk_ops import run_progress
 from chunk_ops.job import Job
 from chunk_ops.queues.stages import StageQueues
 from chunk_ops.run_progress import RunProgress
@@ -11,6 +14,11 @@ from chunk_ops.submit import enqueue_stage
 from chunk_ops.worker import Worker, WorkerConfig
 
 MISSING = "32-40_0-16_8-12"  # an input block of the sample layer (16 x 16 x 4 blocks on 40 x 36 x 12)
+
+
+@pytest.fixture(autouse=True)
+def every_look_fresh(monkeypatch):
+    monkeypatch.setattr(run_progress, "FRESH_S", 0.0)  # the view's short cache would hide the steps here
 
 
 def test_stages_map_and_dead_letters_with_their_errors_then_a_redrive(make_spec, tmp_path):
@@ -46,7 +54,7 @@ def test_stages_map_and_dead_letters_with_their_errors_then_a_redrive(make_spec,
     assert job.failure(1, job.plan[0]) is None  # a chunk that never failed has no record
 
     hidden.rename(block)  # the fix, then the redrive
-    assert queues.redrive() == {1: len(dead), 2: 0, 3: 0}
+    assert queues.redrive(lambda body: job.id in body) == {1: len(dead), 2: 0, 3: 0}
     assert progress.look()["queues"][0]["waiting"] == len(dead)
     Worker(WorkerConfig(queues.url, idle_exit_s=1), queues).run()
     after = progress.look(z=2, map_stage=1)
@@ -71,3 +79,19 @@ def test_the_map_follows_the_work_and_remembers_done_cells(make_spec, tmp_path, 
     monkeypatch.setattr(Job, "is_done", lambda self, *a, **k: reads.append(a) or False)
     progress.look()
     assert len(reads) == 6  # the 3 cells seen done are not read again
+
+
+def test_a_look_reads_a_bounded_number_of_markers_in_turn(make_spec, tmp_path, monkeypatch):
+    spec = make_spec(shape=(160, 160, 4), chunk=(8, 8, 4))  # 400 chunks in one z row
+    job = Job.open(spec)
+    job.prepare()
+    queues = StageQueues(f"file://{tmp_path}/queue.sqlite", create=True)
+    progress = RunProgress(job, queues, [1, 2])
+    reads = []
+    monkeypatch.setattr(Job, "is_done", lambda self, stage, box, mip=0: reads.append(box.to_filename()) or False)
+    progress.look()
+    first = list(reads)
+    reads.clear()
+    progress.look()
+    assert len(first) == len(reads) == run_progress.MAP_READS
+    assert len(set(first) | set(reads)) == 400  # the second look goes on where the first stopped

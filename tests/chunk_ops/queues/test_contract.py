@@ -108,6 +108,18 @@ def test_redrive_brings_dead_letters_back_with_a_fresh_receive_count(make_queue)
     assert q.redrive() == 0
 
 
+def test_redrive_moves_only_the_letters_it_is_told(make_queue):
+    q = make_queue(max_receives=1)
+    q.send_batch(["a-0", "a-1", "a-2", "b-0", "b-1"])  # two jobs sharing a queue
+    for _ in range(2):
+        for lease in q.receive(max_messages=10, visibility_timeout=60):
+            q.release(lease)
+    assert q.receive(max_messages=10, visibility_timeout=60) == [] and q.counts().dead == 5
+    assert q.redrive(keep=lambda body: body.startswith("a-")) == 3
+    assert (q.counts().visible, q.counts().dead) == (3, 2)  # b's letters stay dead
+    assert sorted(lease.body for lease in q.receive(max_messages=10, visibility_timeout=60)) == ["a-0", "a-1", "a-2"]
+
+
 def test_a_lost_lease_cannot_be_extended_embedded(tmp_path):
     """The embedded queue refuses a stale receipt (SQS's answer varies by server)."""
     q = open_queue(f"file://{tmp_path}/q.sqlite", create=True)
