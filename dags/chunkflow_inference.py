@@ -21,6 +21,12 @@ sequence `chunk-ops run` runs too, so both write the same files. Steps:
 7. **report**: summary in the log and XCom; Markdown/HTML with a picture (from coarse
    mips) and a Neuroglancer link next to the output.
 
+**Watching a run**: the run's **Chunk progress** tab (and the DAG's) shows each stage's
+chunks done, waiting, leased and dead, throughput and ETA, a map of a z section, and the
+dead letters with the error that killed each; after a fix its **Redrive** button puts them
+back and restarts the stage's pools and sensor.  The enqueue and sensor tasks link to that
+view, the report and Neuroglancer (input, output, segmentation).
+
 A worker that is preempted loses nothing: its lease expires and another worker redoes
 the chunk; a killed pod fails its task instance and Airflow's retry starts another. Pod
 tasks are deferrable (a running pod holds no worker slot); GPU pods take a slot of the
@@ -33,6 +39,7 @@ from datetime import datetime, timedelta
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import DAG, task
+from chunkflow_airflow.notifiers import RunNotifier
 from chunkflow_airflow.operators.chunk_queue import EnqueueChunksOperator
 from chunkflow_airflow.sensors.chunk_queue import StageDoneSensor
 from chunkflow_airflow.utils.params import job_params
@@ -46,6 +53,10 @@ with DAG(
     doc_md=__doc__,
     params=job_params(),
     max_active_runs=4,
+    # one message per finished run, to Slack and/or email when their connections exist
+    # (docs/notifications.md); none configured: off
+    on_success_callback=RunNotifier(),
+    on_failure_callback=RunNotifier(),
 ) as dag:
 
     @task
