@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.airflow_local import DAG_ID, LocalAirflow
-from tests.conftest import free_port
+from scripts.airflow_local import DAG_ID
+from tests.dags.browser import standalone
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +18,10 @@ def reprocess_list(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory, reprocess_list):
-    local = LocalAirflow(tmp_path_factory.mktemp("airflow-home"), free_port(),
-                         extra_env={"AIRFLOW__CHUNKFLOW__REPROCESS_JOBS": str(reprocess_list),
-                                    "AIRFLOW__CHUNKFLOW__REPROCESS_SCHEDULE": "@weekly"})
-    try:
-        local.start()
-        local.wait_for_dag()
-        local.wait_for_dag("chunkflow_reprocess")
+    with standalone(tmp_path_factory.mktemp("airflow-home"), dags=(DAG_ID, "chunkflow_reprocess"),
+                    extra_env={"AIRFLOW__CHUNKFLOW__REPROCESS_JOBS": str(reprocess_list),
+                               "AIRFLOW__CHUNKFLOW__REPROCESS_SCHEDULE": "@weekly"}) as local:
         yield local
-    finally:
-        local.stop()
 
 
 def _runs(airflow) -> int:

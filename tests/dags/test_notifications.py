@@ -13,8 +13,9 @@ from urllib.parse import quote
 
 import pytest
 
-from scripts.airflow_local import DAG_ID, LocalAirflow
+from scripts.airflow_local import DAG_ID
 from tests.conftest import free_port
+from tests.dags.browser import standalone
 
 RECIPIENT = "ops@lab.example"
 
@@ -173,17 +174,12 @@ def receivers():
 def airflow(tmp_path_factory, receivers):
     hook, inbox = receivers
     port = free_port()
-    local = LocalAirflow(tmp_path_factory.mktemp("airflow-notify"), port, extra_env={
+    with standalone(tmp_path_factory.mktemp("airflow-notify"), port=port, extra_env={
         "AIRFLOW_CONN_CHUNKFLOW_SLACK": slack_conn(hook.url),
         "AIRFLOW_CONN_CHUNKFLOW_SMTP": smtp_conn(inbox.port),
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-    })
-    try:
-        local.start()
-        local.wait_for_dag()
+    }) as local:
         yield local
-    finally:
-        local.stop()
 
 
 @pytest.fixture(scope="module")

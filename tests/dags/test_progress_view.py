@@ -7,16 +7,14 @@ block is put back, the Redrive button brings the dead letters back, and the run 
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from scripts.airflow_local import DAG_ID, LocalAirflow
-from tests.conftest import free_port
+from scripts.airflow_local import DAG_ID
+from tests.dags.browser import logged_in_page, standalone
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 MISSING = "32-40_0-16_8-12"  # an input block of the sample layer (16 x 16 x 4 blocks on 40 x 36 x 12)
@@ -24,39 +22,14 @@ MISSING = "32-40_0-16_8-12"  # an input block of the sample layer (16 x 16 x 4 b
 
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory):
-    local = LocalAirflow(tmp_path_factory.mktemp("airflow-home"), free_port())
-    try:
-        local.start()
-        local.wait_for_dag()
+    with standalone(tmp_path_factory.mktemp("airflow-home")) as local:
         yield local
-    finally:
-        local.stop()
 
 
 @pytest.fixture
 def browser_page(airflow):
-    from playwright.sync_api import sync_playwright
-
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is installed by `make test`"
-    user, password = next(iter(json.loads(
-        (airflow.home / "simple_auth_manager_passwords.json.generated").read_text()).items()))
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1300})
-            page.goto(f"{airflow.url}/auth/login?next=%2F", wait_until="networkidle")
-            fields = page.locator("input")
-            fields.nth(0).fill(user)
-            fields.nth(1).fill(password)
-            page.locator("button[type=submit]").click()
-            page.wait_for_url(lambda url: "/auth/" not in url, timeout=60_000)
-            page.wait_for_load_state("networkidle")
-            yield page
-        finally:
-            browser.close()
+    with logged_in_page(airflow, height=1300) as page:
+        yield page
 
 
 def _stage_row(page, stage: int) -> tuple[str, int, int]:

@@ -9,7 +9,6 @@ job spec). The last test drives the real form in headless Chromium against
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -18,8 +17,8 @@ import pytest
 from chunk_ops.models.demo import bundled_model_spec, bundled_weights
 from chunk_ops.geometry import Box
 from chunk_ops.spec import SpecError, job_id, job_spec_schema, parse_spec
-from scripts.airflow_local import DAG_ID, LocalAirflow
-from tests.conftest import free_port
+from scripts.airflow_local import DAG_ID
+from tests.dags.browser import logged_in_page, standalone
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 SECTIONS = ["Data", "Model", "Inference", "Workers", "Post-processing"]
@@ -161,17 +160,12 @@ def test_a_bad_value_is_still_refused_before_any_run(conf, field):
 
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory):
-    local = LocalAirflow(tmp_path_factory.mktemp("airflow-home"), free_port())
-    try:
-        local.start()
-        local.wait_for_dag()
+    with standalone(tmp_path_factory.mktemp("airflow-home")) as local:
         yield local
-    finally:
-        local.stop()
 
 
 def test_the_web_form_shows_sections_and_runs_a_job_from_the_common_fields(airflow, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from chunk_ops.sample import write_sample
 
@@ -181,56 +175,40 @@ def test_the_web_form_shows_sections_and_runs_a_job_from_the_common_fields(airfl
     shutil.copyfile(bundled_weights(), weights)
     before = {run["dag_run_id"] for run in airflow.runs()}
 
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is installed by `make test`"
-    user, password = next(iter(json.loads(
-        (airflow.home / "simple_auth_manager_passwords.json.generated").read_text()).items()))
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(f"{airflow.url}/auth/login?next=%2Fdags%2F{DAG_ID}", wait_until="networkidle")
-            fields = page.locator("input")
-            fields.nth(0).fill(user)
-            fields.nth(1).fill(password)
-            page.locator("button[type=submit]").click()
-            page.wait_for_url(f"**/dags/{DAG_ID}**", timeout=60_000)
-            page.get_by_role("button", name="Trigger").first.click()
-            form = page.get_by_role("dialog")
-            form.get_by_text("Run Parameters").wait_for(timeout=30_000)
+    with logged_in_page(airflow, f"/dags/{DAG_ID}") as page:
+        page.wait_for_url(f"**/dags/{DAG_ID}**", timeout=60_000)
+        page.get_by_role("button", name="Trigger").first.click()
+        form = page.get_by_role("dialog")
+        form.get_by_text("Run Parameters").wait_for(timeout=30_000)
 
-            # the common fields are open, with titles and descriptions
-            for title in ("Input image URL", "Output layer URL", "Model file", "Chunk size (x, y, z)",
-                          "Region start (x, y, z)"):
-                expect(form.get_by_text(title, exact=True)).to_be_visible()
-            expect(form.get_by_text("image layer, e.g. file:///data/em")).to_be_visible()
-            expect(form.get_by_text("voxels per task; a multiple of the output block size")).to_be_visible()
-            # the advanced sections are there, folded
-            for section in SECTIONS:
-                expect(form.get_by_role("button", name=section, exact=True)).to_be_visible()
-            for folded in ("#element_input", "#element_model", "#element_workers", "#element_postprocess"):
-                expect(form.locator(folded)).to_be_hidden()
-            expect(form.get_by_text("Worker pools", exact=True)).to_be_hidden()
+        # the common fields are open, with titles and descriptions
+        for title in ("Input image URL", "Output layer URL", "Model file", "Chunk size (x, y, z)",
+                      "Region start (x, y, z)"):
+            expect(form.get_by_text(title, exact=True)).to_be_visible()
+        expect(form.get_by_text("image layer, e.g. file:///data/em")).to_be_visible()
+        expect(form.get_by_text("voxels per task; a multiple of the output block size")).to_be_visible()
+        # the advanced sections are there, folded
+        for section in SECTIONS:
+            expect(form.get_by_role("button", name=section, exact=True)).to_be_visible()
+        for folded in ("#element_input", "#element_model", "#element_workers", "#element_postprocess"):
+            expect(form.locator(folded)).to_be_hidden()
+        expect(form.get_by_text("Worker pools", exact=True)).to_be_hidden()
 
-            form.locator("#element_input_url").fill(image_url)
-            form.locator("#element_output_url").fill(output_url)
-            form.locator("#element_model_path").fill(str(weights))
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.set_viewport_size({"width": 1400, "height": 2200})  # the dialog scrolls inside: show all of it
-            page.screenshot(path=str(ARTIFACTS / "trigger_form.png"), full_page=True)
+        form.locator("#element_input_url").fill(image_url)
+        form.locator("#element_output_url").fill(output_url)
+        form.locator("#element_model_path").fill(str(weights))
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.set_viewport_size({"width": 1400, "height": 2200})  # the dialog scrolls inside: show all of it
+        page.screenshot(path=str(ARTIFACTS / "trigger_form.png"), full_page=True)
 
-            # a section opens on a click, showing its fields and what they take
-            form.get_by_role("button", name="Workers", exact=True).click()
-            expect(form.get_by_text("Worker pools", exact=True)).to_be_visible()
-            expect(form.get_by_text("worker pools, all draining the same queue", exact=False)).to_be_visible()
-            expect(form.locator("#element_workers")).to_be_visible()
+        # a section opens on a click, showing its fields and what they take
+        form.get_by_role("button", name="Workers", exact=True).click()
+        expect(form.get_by_text("Worker pools", exact=True)).to_be_visible()
+        expect(form.get_by_text("worker pools, all draining the same queue", exact=False)).to_be_visible()
+        expect(form.locator("#element_workers")).to_be_visible()
 
-            form.get_by_role("button", name="Trigger", exact=True).click()
-            expect(form).to_be_hidden(timeout=30_000)
-        finally:
-            browser.close()
+        form.get_by_role("button", name="Trigger", exact=True).click()
+        expect(form).to_be_hidden(timeout=30_000)
 
     new = [run for run in airflow.runs() if run["dag_run_id"] not in before]
     assert len(new) == 1, new
