@@ -348,8 +348,12 @@ class Job:
         key = json.dumps([options["method"], options["threshold"], options["url"]], separators=(",", ":"))
         return f"stage{stage}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
+    def _stage_prefix(self, kind: str, stage: int, mip: int = 0) -> str:
+        """Where a stage's per-chunk files of one kind are: ``done`` markers, ``failed`` records."""
+        return f"{kind}/{self.stage_folder(stage)}/" + (f"mip{mip}/" if mip else "")
+
     def _done_prefix(self, stage: int, mip: int = 0) -> str:
-        return f"done/{self.stage_folder(stage)}/" + (f"mip{mip}/" if mip else "")
+        return self._stage_prefix("done", stage, mip)
 
     def mark_done(self, stage: int, chunk: Box, record: dict, mip: int = 0) -> None:
         name = f"{self._done_prefix(stage, mip)}{ChunkPlan.chunk_id(chunk)}.json"
@@ -363,24 +367,22 @@ class Job:
     def is_done(self, stage: int, chunk: Box, mip: int = 0) -> bool:
         return self.done_record(stage, chunk, mip) is not None
 
-    def _failure_name(self, stage: int, chunk: Box, mip: int) -> str:
-        return f"failed/{self.stage_folder(stage)}/" + (f"mip{mip}/" if mip else "") + f"{ChunkPlan.chunk_id(chunk)}.json"
-
     def record_failure(self, stage: int, chunk: Box, failure: dict, mip: int = 0) -> None:
         """The last error of a chunk's task (a file per failing chunk, never read on the hot
         path): what the progress view shows beside a dead letter."""
-        name = self._failure_name(stage, chunk, mip)
+        name = f"{self._stage_prefix('failed', stage, mip)}{ChunkPlan.chunk_id(chunk)}.json"
         CloudFiles(self.job_url).put_json(name, failure)
 
     def failure(self, stage: int, chunk: Box, mip: int = 0) -> dict | None:
         """The chunk's last recorded error (``record_failure``), if any."""
-        name = self._failure_name(stage, chunk, mip)
-        data = CloudFiles(self.job_url).get(name)
-        try:
-            record = json.loads(data) if data else None
-        except (ValueError, UnicodeDecodeError):
-            return None
-        return record if isinstance(record, dict) else None
+        name = f"{self._stage_prefix('failed', stage, mip)}{ChunkPlan.chunk_id(chunk)}.json"
+        return _json_object(CloudFiles(self.job_url).get(name))
+
+    def failed_chunks(self, stage: int) -> set[str]:
+        """Chunk ids of the stage with a failure record: names only, one listing (O(failures))."""
+        prefix = self._stage_prefix("failed", stage)
+        return {name[len(prefix):].removesuffix(".json")
+                for name in storage.list_folder(CloudFiles(self.job_url), prefix)}
 
     def done_mask(self, stage: int, mip: int = 0) -> np.ndarray:
         """One bool per index of the stage's plan: is that task done?  One listing, in bulk.
@@ -407,12 +409,18 @@ class Job:
         return [r for r in records if r is not None]
 
 
-def _valid_marker(data: bytes | None) -> dict | None:
+def _json_object(data: bytes | None) -> dict | None:
+    """A stored JSON object, or None (absent, torn or not an object)."""
     try:
         record = json.loads(data) if data else None
     except (ValueError, UnicodeDecodeError):
         return None
-    return record if isinstance(record, dict) and "finished_at" in record else None
+    return record if isinstance(record, dict) else None
+
+
+def _valid_marker(data: bytes | None) -> dict | None:
+    record = _json_object(data)
+    return record if record is not None and "finished_at" in record else None
 
 
 def _check_existing_output(spec: JobSpec, roi: Box) -> Volume:

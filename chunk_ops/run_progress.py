@@ -19,10 +19,11 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
-from . import storage
 from .geometry import Box
 from .job import Job
+from .queues import QueueCounts
 from .queues.stages import POST_STAGES, QUEUE_STAGES, StageQueues, stage_queue_url
 from .report import MARKER_THREADS, section_cells
 from .submit import StageWatch, stage_status
@@ -41,6 +42,7 @@ class RunProgress:
     def __init__(self, job: Job, queues: StageQueues, stages: list[int]):
         self.job, self.queues = job, queues
         self.watches: dict[int, StageWatch] = {}
+        self._counts: dict[str, QueueCounts] = {}  # by queue URL, read once a look: stages 3-6 share one
         self.add_stages(stages)
         self._cells: dict[tuple[int, str], str] = {}  # (stage, chunk) -> last state seen
         self._turn = 0  # where the next look's marker reads begin among the open cells
@@ -55,11 +57,13 @@ class RunProgress:
         """Post-processing's stages are known once its phases are planned."""
         for stage in stages:
             if stage not in self.watches:
-                self.watches[stage] = StageWatch(self.job, stage, lambda stage=stage: self.queues.counts(stage),
-                                                 compact=False)
+                self.watches[stage] = StageWatch(self.job, stage, partial(self._stage_counts, stage), compact=False)
 
     def _queue_of(self, stage: int) -> str:
         return stage_queue_url(self.queues.url, stage)
+
+    def _stage_counts(self, stage: int) -> QueueCounts:
+        return self._counts[self._queue_of(stage)]
 
     def look(self, z: int | None = None, map_stage: int | None = None) -> dict:
         """Everything the view draws: stages, queues, the chunk map, dead letters."""
@@ -72,6 +76,7 @@ class RunProgress:
             return result
 
     def _look(self, z: int | None, map_stage: int | None) -> dict:
+        self._counts = {self._queue_of(s): self.queues.counts(s) for s in reversed(self.stages)}
         dead = self._dead_letters()
         dead_stages = {d["stage"] for d in dead}
         stages, latest, drained = [], {}, {}
@@ -105,7 +110,7 @@ class RunProgress:
         for first in QUEUE_STAGES:
             served = [s for s in self.stages if self._queue_of(s) == self._queue_of(first)]
             if served:
-                counts = self.queues.counts(first)
+                counts = self._counts[self._queue_of(first)]
                 queues.append({"queue": QUEUE_NAMES[first], "stages": served, "waiting": counts.visible,
                                "leased": counts.in_flight, "dead": counts.dead})
         if map_stage not in self.watches or map_stage == PYRAMID:
@@ -141,12 +146,6 @@ class RunProgress:
                             "at": failure.get("at")})
         return letters
 
-    def _failed_chunks(self, stage: int) -> set[str]:
-        """Chunks of the stage with a failure record: names only, one listing (O(failures))."""
-        prefix = f"failed/{self.job.stage_folder(stage)}/"
-        names = storage.list_folder(storage.files_at(self.job.job_url), prefix)
-        return {n[len(prefix):].removesuffix(".json") for n in names if "/" not in n[len(prefix):]}
-
     def _chunk_map(self, stage: int, z: int | None, latest: str | None, dead: list[dict], drained: bool) -> dict:
         plan = self.job.stage_plan(stage)
         z_rows = plan.axis_bounds(2)
@@ -170,7 +169,7 @@ class RunProgress:
         # dead: a peeked letter; or, once the queue has drained with letters dead, a failure record
         dead_chunks = {d["chunk"] for d in dead if d["stage"] == stage}
         if drained:
-            dead_chunks |= self._failed_chunks(stage)
+            dead_chunks |= self.job.failed_chunks(stage)
         states = []
         for name in samples:
             state = self._cells.get((stage, name), "not done")
