@@ -14,10 +14,16 @@ from airflow.sdk import BaseOperatorLink, conf
 PREFIX = "/chunkflow"  # where plugin.py mounts the progress app
 
 
+def airflow_url(path: str, *, absolute: bool = False) -> str:
+    """A page of this Airflow from ``[api] base_url``; without one, from the UI's root, or
+    (``absolute``: for messages read elsewhere) Airflow's default address."""
+    base = conf.get("api", "base_url", fallback="") or ("http://localhost:8080" if absolute else "")
+    return base.rstrip("/") + path
+
+
 def run_url(dag_id: str, run_id: str, page: str = "") -> str:
-    """The progress app's page of a run: absolute when ``[api] base_url`` is set, else from the UI's root."""
-    base = (conf.get("api", "base_url", fallback="") or "").rstrip("/")
-    return f"{base}{PREFIX}/runs/{quote(dag_id, safe='')}/{quote(run_id, safe='')}{page}"
+    """The progress app's page of a run."""
+    return airflow_url(f"{PREFIX}/runs/{quote(dag_id, safe='')}/{quote(run_id, safe='')}{page}")
 
 
 class ChunkProgressLink(BaseOperatorLink):

@@ -27,6 +27,8 @@ from airflow.providers.smtp.hooks.smtp import SmtpHook
 from airflow.sdk import BaseHook, BaseNotifier, Connection, conf
 from airflow.sdk.exceptions import AirflowNotFoundException
 
+from chunkflow_airflow.links import airflow_url
+
 SLACK_CONN_ID = "chunkflow_slack"
 SMTP_CONN_ID = "chunkflow_smtp"
 TIMEOUT_S = 10  # per request, unless the connection's extra sets "timeout"
@@ -110,8 +112,7 @@ def per_second(voxels_per_s: float) -> str:
 
 def run_url(dag_id: str, run_id: str) -> str:
     """The run's page in the Airflow UI (``[api] base_url``, as Airflow's own log links)."""
-    base = conf.get("api", "base_url", fallback=None) or "http://localhost:8080/"
-    return f"{base.rstrip('/')}/dags/{dag_id}/runs/{quote(run_id, safe='')}"
+    return airflow_url(f"/dags/{dag_id}/runs/{quote(run_id, safe='')}", absolute=True)
 
 
 class RunNotifier(BaseNotifier):
@@ -178,7 +179,9 @@ class RunNotifier(BaseNotifier):
         run_id = context.get("run_id") or dag_run.run_id
         reason = context.get("reason") or ""
         state = "success" if reason == "success" else "failed"
-        output = ((dag_run.conf or {}).get("output") or {}).get("url", "") if dag_run is not None else ""
+        run_conf = (dag_run.conf or {}) if dag_run is not None else {}
+        # the form's flat field, or the nested spec's (utils/params.py)
+        output = run_conf.get("output_url") or (run_conf.get("output") or {}).get("url", "")
         states = self.task_states(dag_id, run_id)
         failed: list[str] = []
         if state == "failed" and states is not None:
